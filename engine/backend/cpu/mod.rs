@@ -1,0 +1,10 @@
+//! The CPU backend: every op in f32 math over row-major slices. It is the executable
+//! specification of the engine, so each function states its exact formula; hot paths use the
+//! `gemm` crate and rayon.
+mod attention;
+mod elementwise;
+mod matmul;
+
+pub use attention::{attention, AttentionShape};
+pub use elementwise::{add_bias, add_inplace, rms_norm, rope_inplace, rope_tables, silu_mul};
+pub use matmul::{matmul_nn, matmul_nt, matmul_tn};

@@ -1,0 +1,72 @@
+//! Token batches with padding masks.
+use crate::error::{Error, Result};
+
+/// A `[batch, seq]` block of token ids with a mask (`true` = real token, `false` = padding).
+/// Padding may sit anywhere (left for generation, right for training): positions are counted
+/// per sequence over real tokens only, so both layouts give the same outputs on real tokens.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    pub tokens: Vec<u32>,
+    pub mask: Vec<bool>,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+impl Batch {
+    /// Checks that `tokens` and `mask` both hold `batch * seq` entries.
+    pub fn new(tokens: Vec<u32>, mask: Vec<bool>, batch: usize, seq: usize) -> Result<Self> {
+        if tokens.len() != batch * seq || mask.len() != batch * seq {
+            return Err(Error::Input(format!(
+                "batch of {batch}x{seq} needs {} tokens and mask entries, got {} and {}",
+                batch * seq,
+                tokens.len(),
+                mask.len()
+            )));
+        }
+        Ok(Batch { tokens, mask, batch, seq })
+    }
+
+    /// One unpadded sequence.
+    pub fn single(tokens: &[u32]) -> Self {
+        Batch { tokens: tokens.to_vec(), mask: vec![true; tokens.len()], batch: 1, seq: tokens.len() }
+    }
+
+    /// Sequences padded on the right with `pad` to the longest one.
+    pub fn right_padded(seqs: &[Vec<u32>], pad: u32) -> Result<Self> {
+        Self::padded(seqs, pad, false)
+    }
+
+    /// Sequences padded on the left with `pad` to the longest one (generation layout: every
+    /// sequence's last real token is in the last column).
+    pub fn left_padded(seqs: &[Vec<u32>], pad: u32) -> Result<Self> {
+        Self::padded(seqs, pad, true)
+    }
+
+    fn padded(seqs: &[Vec<u32>], pad: u32, left: bool) -> Result<Self> {
+        if seqs.is_empty() {
+            return Err(Error::Input("empty batch".into()));
+        }
+        let seq = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let mut tokens = Vec::with_capacity(seqs.len() * seq);
+        let mut mask = Vec::with_capacity(seqs.len() * seq);
+        for s in seqs {
+            let n_pad = seq - s.len();
+            if left {
+                tokens.extend(std::iter::repeat_n(pad, n_pad));
+                mask.extend(std::iter::repeat_n(false, n_pad));
+            }
+            tokens.extend_from_slice(s);
+            mask.extend(std::iter::repeat_n(true, s.len()));
+            if !left {
+                tokens.extend(std::iter::repeat_n(pad, n_pad));
+                mask.extend(std::iter::repeat_n(false, n_pad));
+            }
+        }
+        Ok(Batch { tokens, mask, batch: seqs.len(), seq })
+    }
+
+    /// Number of real (unmasked) tokens.
+    pub fn num_real(&self) -> usize {
+        self.mask.iter().filter(|&&m| m).count()
+    }
+}

@@ -1,0 +1,155 @@
+//! Llama / Qwen2 decoders: weights, batched forward with layer taps and probe logits, KV cache.
+mod batch;
+mod cache;
+pub mod config;
+mod forward;
+pub mod generate;
+
+pub use batch::Batch;
+pub use cache::KvCache;
+pub use config::{Family, ModelConfig};
+pub use forward::{ForwardOptions, ForwardOutput, LogitsMode, ProbeSpec};
+
+use crate::backend::cpu;
+use crate::error::{Error, Result};
+use crate::weights::SafetensorsSet;
+use std::path::Path;
+
+/// A linear layer `y = x W^T + b` with PyTorch's `[out, in]` weight layout.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub w: Vec<f32>,
+    pub b: Option<Vec<f32>>,
+    pub out_dim: usize,
+    pub in_dim: usize,
+}
+
+impl Linear {
+    fn load(st: &SafetensorsSet, name: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Self> {
+        let w = st.get_f32(&format!("{name}.weight"), &[out_dim, in_dim])?;
+        let b = if bias { Some(st.get_f32(&format!("{name}.bias"), &[out_dim])?) } else { None };
+        Ok(Linear { w, b, out_dim, in_dim })
+    }
+
+    /// `x` is `[rows, in_dim]`; returns `[rows, out_dim]`.
+    pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let mut y = vec![0.0; rows * self.out_dim];
+        cpu::matmul_nt(&mut y, self.out_dim, x, self.in_dim, &self.w, self.in_dim, rows, self.out_dim, self.in_dim, false);
+        if let Some(b) = &self.b {
+            cpu::add_bias(&mut y, b);
+        }
+        y
+    }
+
+    fn nbytes(&self) -> usize {
+        4 * (self.w.len() + self.b.as_ref().map_or(0, Vec::len))
+    }
+}
+
+/// One transformer block: pre-norm attention and pre-norm SwiGLU MLP, each with a residual.
+#[derive(Clone, Debug)]
+pub struct Block {
+    pub input_norm: Vec<f32>,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub post_norm: Vec<f32>,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+/// A decoder-only language model with f32 weights on the host.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub config: ModelConfig,
+    /// `[vocab, hidden]`.
+    pub embed: Vec<f32>,
+    pub blocks: Vec<Block>,
+    pub norm: Vec<f32>,
+    /// `None` when the LM head is tied to the embedding.
+    pub lm_head: Option<Linear>,
+}
+
+impl Model {
+    /// Loads `dir/config.json` and the safetensors weights (single file or sharded).
+    pub fn load(dir: &Path) -> Result<Self> {
+        let config = ModelConfig::from_file(&config::config_path(dir))?;
+        let st = SafetensorsSet::open_dir(dir)?;
+        Self::from_safetensors(config, &st)
+    }
+
+    /// Builds the model from HF-named tensors, checking every shape against the config.
+    pub fn from_safetensors(config: ModelConfig, st: &SafetensorsSet) -> Result<Self> {
+        let c = &config;
+        let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let embed = st.get_f32("model.embed_tokens.weight", &[v, h])?;
+        let blocks = (0..c.num_layers)
+            .map(|l| {
+                let p = format!("model.layers.{l}");
+                Ok(Block {
+                    input_norm: st.get_f32(&format!("{p}.input_layernorm.weight"), &[h])?,
+                    q: Linear::load(st, &format!("{p}.self_attn.q_proj"), c.q_dim(), h, c.qkv_bias)?,
+                    k: Linear::load(st, &format!("{p}.self_attn.k_proj"), c.kv_dim(), h, c.qkv_bias)?,
+                    v: Linear::load(st, &format!("{p}.self_attn.v_proj"), c.kv_dim(), h, c.qkv_bias)?,
+                    o: Linear::load(st, &format!("{p}.self_attn.o_proj"), h, c.q_dim(), c.o_bias)?,
+                    post_norm: st.get_f32(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                    gate: Linear::load(st, &format!("{p}.mlp.gate_proj"), i, h, false)?,
+                    up: Linear::load(st, &format!("{p}.mlp.up_proj"), i, h, false)?,
+                    down: Linear::load(st, &format!("{p}.mlp.down_proj"), h, i, false)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = st.get_f32("model.norm.weight", &[h])?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(Linear::load(st, "lm_head", v, h, false)?)
+        };
+        let model = Model { config, embed, blocks, norm, lm_head };
+        model.check_finite()?;
+        Ok(model)
+    }
+
+    fn check_finite(&self) -> Result<()> {
+        let mut named: Vec<(String, &[f32])> = vec![("model.embed_tokens.weight".into(), &self.embed), ("model.norm.weight".into(), &self.norm)];
+        if let Some(head) = &self.lm_head {
+            named.push(("lm_head.weight".into(), &head.w));
+        }
+        for (l, b) in self.blocks.iter().enumerate() {
+            for (n, w) in [("q_proj", &b.q.w), ("k_proj", &b.k.w), ("v_proj", &b.v.w), ("o_proj", &b.o.w), ("gate_proj", &b.gate.w), ("up_proj", &b.up.w), ("down_proj", &b.down.w)] {
+                named.push((format!("model.layers.{l}.{n}.weight"), w));
+            }
+        }
+        for (name, w) in named {
+            if let Some(pos) = w.iter().position(|x| !x.is_finite()) {
+                return Err(Error::NonFinite(format!("weight `{name}` at element {pos}: {}", w[pos])));
+            }
+        }
+        Ok(())
+    }
+
+    /// The LM head as a `[vocab, hidden]` matrix (the embedding when tied).
+    pub fn head_weight(&self) -> &[f32] {
+        self.lm_head.as_ref().map_or(&self.embed, |l| &l.w)
+    }
+
+    /// Bytes of all weights as held in memory (f32; tied matrices counted once).
+    pub fn weight_bytes(&self) -> usize {
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                4 * (b.input_norm.len() + b.post_norm.len())
+                    + [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down].iter().map(|l| l.nbytes()).sum::<usize>()
+            })
+            .sum();
+        4 * (self.embed.len() + self.norm.len()) + blocks + self.lm_head.as_ref().map_or(0, Linear::nbytes)
+    }
+
+    /// An empty KV cache for `batch` sequences.
+    pub fn new_cache(&self, batch: usize, cap: usize) -> KvCache {
+        KvCache::new(&self.config, batch, cap)
+    }
+}
