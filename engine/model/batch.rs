@@ -13,12 +13,17 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Checks that `tokens` and `mask` both hold `batch * seq` entries.
+    /// Checks that `tokens` and `mask` both hold `batch * seq` entries, both non-zero.
     pub fn new(tokens: Vec<u32>, mask: Vec<bool>, batch: usize, seq: usize) -> Result<Self> {
-        if tokens.len() != batch * seq || mask.len() != batch * seq {
+        if batch == 0 || seq == 0 {
+            return Err(Error::Input(format!("batch of {batch}x{seq} is empty: batch size and sequence length must be positive")));
+        }
+        let Some(n) = batch.checked_mul(seq) else {
+            return Err(Error::Input(format!("batch of {batch}x{seq} is too large")));
+        };
+        if tokens.len() != n || mask.len() != n {
             return Err(Error::Input(format!(
-                "batch of {batch}x{seq} needs {} tokens and mask entries, got {} and {}",
-                batch * seq,
+                "batch of {batch}x{seq} needs {n} tokens and mask entries, got {} and {}",
                 tokens.len(),
                 mask.len()
             )));
@@ -47,6 +52,9 @@ impl Batch {
             return Err(Error::Input("empty batch".into()));
         }
         let seq = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        if seq == 0 {
+            return Err(Error::Input(format!("batch of {} sequences, all empty", seqs.len())));
+        }
         let mut tokens = Vec::with_capacity(seqs.len() * seq);
         let mut mask = Vec::with_capacity(seqs.len() * seq);
         for s in seqs {

@@ -81,10 +81,20 @@ impl Fields<'_> {
     }
     fn token_ids(&self, field: &str) -> Result<Vec<u32>> {
         let bad = || self.invalid(field, "expected a token id or a list of token ids");
+        // Ids that do not fit u32 are rejected, not wrapped into the vocabulary.
+        let id = |v: &Value| v.as_u64().and_then(|x| u32::try_from(x).ok()).ok_or_else(bad);
         match self.obj.get(field) {
             None | Some(Value::Null) => Ok(vec![]),
-            Some(Value::Array(a)) => a.iter().map(|v| v.as_u64().map(|x| x as u32).ok_or_else(bad)).collect(),
-            Some(v) => Ok(vec![v.as_u64().ok_or_else(bad)? as u32]),
+            Some(Value::Array(a)) => a.iter().map(id).collect(),
+            Some(v) => Ok(vec![id(v)?]),
+        }
+    }
+    /// An optional string field; present but not a string is an error.
+    fn opt_str(&self, field: &str) -> Result<Option<&str>> {
+        match self.obj.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(self.invalid(field, format!("expected a string, got {v}"))),
         }
     }
 }
@@ -104,7 +114,7 @@ impl ModelConfig {
             .as_object()
             .ok_or_else(|| Error::format(path, "JSON", "config.json is not an object"))?;
         let f = Fields { path, obj };
-        let model_type = obj.get("model_type").and_then(Value::as_str).ok_or_else(|| Error::MissingField {
+        let model_type = f.opt_str("model_type")?.ok_or_else(|| Error::MissingField {
             path: path.to_path_buf(),
             field: "model_type".into(),
         })?;
@@ -115,7 +125,7 @@ impl ModelConfig {
                 return Err(f.invalid("model_type", format!("`{other}` is not supported (llama, mistral, qwen2)")))
             }
         };
-        if let Some(act) = obj.get("hidden_act").and_then(Value::as_str) {
+        if let Some(act) = f.opt_str("hidden_act")? {
             if act != "silu" {
                 return Err(f.invalid("hidden_act", format!("`{act}` is not supported (silu)")));
             }
@@ -128,7 +138,8 @@ impl ModelConfig {
             Some(v) => return Err(f.invalid("rope_parameters", format!("expected an object, got {v}"))),
         };
         if let Some(rp) = &rope_params {
-            match rp.obj.get("rope_type").and_then(Value::as_str) {
+            let rope_type = rp.opt_str("rope_type").map_err(|_| f.invalid("rope_parameters.rope_type", "expected a string"))?;
+            match rope_type {
                 None | Some("default") => {}
                 Some(other) => {
                     return Err(f.invalid("rope_parameters.rope_type", format!("`{other}` is not supported; only plain RoPE (default)")))
@@ -191,9 +202,22 @@ impl ModelConfig {
             tie_word_embeddings: f.bool("tie_word_embeddings", false)?,
             qkv_bias: family == Family::Qwen2 || attention_bias,
             o_bias: family == Family::Llama && attention_bias,
-            bos_token_id: f.opt_usize("bos_token_id")?.map(|x| x as u32),
+            bos_token_id: match f.opt_usize("bos_token_id")? {
+                Some(x) => Some(u32::try_from(x).map_err(|_| f.invalid("bos_token_id", format!("token id {x} does not fit in u32")))?),
+                None => None,
+            },
             eos_token_ids: f.token_ids("eos_token_id")?,
         };
+        // Products of the dimensions (projection widths, tensor sizes) must not overflow.
+        if num_heads.checked_mul(head_dim).is_none() {
+            return Err(f.invalid("head_dim", format!("num_attention_heads ({num_heads}) * head_dim ({head_dim}) overflows")));
+        }
+        if cfg.checked_num_params().is_none() {
+            return Err(f.invalid(
+                "hidden_size",
+                "the parameter count implied by hidden_size, intermediate_size, vocab_size, num_hidden_layers and the heads overflows",
+            ));
+        }
         for (field, id) in cfg.bos_token_id.iter().map(|&i| ("bos_token_id", i)).chain(cfg.eos_token_ids.iter().map(|&i| ("eos_token_id", i))) {
             if id as usize >= cfg.vocab_size {
                 return Err(f.invalid(field, format!("token id {id} >= vocab_size {}", cfg.vocab_size)));
@@ -214,13 +238,26 @@ impl ModelConfig {
 
     /// Parameter count, counting tied embeddings once.
     pub fn num_params(&self) -> usize {
+        self.checked_num_params().unwrap_or(usize::MAX)
+    }
+
+    /// [`Self::num_params`], `None` on overflow (also bounds every tensor's element count).
+    fn checked_num_params(&self) -> Option<usize> {
         let (h, i) = (self.hidden_size, self.intermediate_size);
-        let attn = h * self.q_dim() * 2 + h * self.kv_dim() * 2
-            + if self.qkv_bias { self.q_dim() + 2 * self.kv_dim() } else { 0 }
-            + if self.o_bias { h } else { 0 };
-        let block = attn + 3 * h * i + 2 * h;
-        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
-        self.vocab_size * h + self.num_layers * block + h + head
+        let q = self.num_heads.checked_mul(self.head_dim)?;
+        let kv = self.num_kv_heads.checked_mul(self.head_dim)?;
+        let mul = |a: usize, b: usize| a.checked_mul(b);
+        let mut attn = mul(mul(h, q)?, 2)?.checked_add(mul(mul(h, kv)?, 2)?)?;
+        if self.qkv_bias {
+            attn = attn.checked_add(q.checked_add(mul(kv, 2)?)?)?;
+        }
+        if self.o_bias {
+            attn = attn.checked_add(h)?;
+        }
+        let block = attn.checked_add(mul(mul(h, i)?, 3)?)?.checked_add(mul(h, 2)?)?;
+        let embed = mul(self.vocab_size, h)?;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        embed.checked_add(mul(self.num_layers, block)?)?.checked_add(h)?.checked_add(head)
     }
 }
 

@@ -60,6 +60,9 @@ impl Model {
         if batch.tokens.len() != batch.batch * batch.seq || batch.mask.len() != batch.tokens.len() {
             return Err(Error::Input(format!("batch {}x{} has {} tokens, {} mask entries", batch.batch, batch.seq, batch.tokens.len(), batch.mask.len())));
         }
+        if batch.batch == 0 || batch.seq == 0 {
+            return Err(Error::Input(format!("empty batch ({}x{} tokens)", batch.batch, batch.seq)));
+        }
         if batch.batch != cache.batch() {
             return Err(Error::Input(format!("batch of {} sequences with a cache of {}", batch.batch, cache.batch())));
         }

@@ -30,14 +30,25 @@ impl Model {
         if prompt.is_empty() {
             return Err(Error::Input("generate: empty prompt".into()));
         }
-        if !(opts.temperature >= 0.0 && opts.temperature.is_finite()) || !(opts.top_p > 0.0 && opts.top_p <= 1.0) {
+        let valid_temp = opts.temperature >= 0.0 && opts.temperature.is_finite();
+        let valid_top_p = opts.top_p > 0.0 && opts.top_p <= 1.0;
+        if !valid_temp || !valid_top_p {
             return Err(Error::Input(format!(
                 "generate: temperature must be >= 0 (got {}) and top_p in (0, 1] (got {})",
                 opts.temperature, opts.top_p
             )));
         }
         let mut rng = Rng::new(opts.seed);
-        let mut cache = self.new_cache(1, prompt.len() + opts.max_new_tokens);
+        let limit = self.config.max_position_embeddings;
+        let total = prompt.len().saturating_add(opts.max_new_tokens);
+        if total > limit {
+            return Err(Error::Input(format!(
+                "generate: prompt ({}) + max_new_tokens ({}) exceeds the model's max_position_embeddings ({limit})",
+                prompt.len(),
+                opts.max_new_tokens
+            )));
+        }
+        let mut cache = self.new_cache(1, total);
         let fo = ForwardOptions { logits: LogitsMode::Last, ..Default::default() };
         let mut out = Vec::new();
         let mut input = Batch::single(prompt);

@@ -112,17 +112,30 @@ impl Model {
         Ok(model)
     }
 
-    fn check_finite(&self) -> Result<()> {
-        let mut named: Vec<(String, &[f32])> = vec![("model.embed_tokens.weight".into(), &self.embed), ("model.norm.weight".into(), &self.norm)];
+    /// Every weight with its HF tensor name, in file order (tied heads listed once).
+    pub fn named_weights(&self) -> Vec<(String, &[f32])> {
+        let mut named: Vec<(String, &[f32])> = vec![("model.embed_tokens.weight".into(), &self.embed)];
+        for (l, b) in self.blocks.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            named.push((format!("{p}.input_layernorm.weight"), &b.input_norm));
+            named.push((format!("{p}.post_attention_layernorm.weight"), &b.post_norm));
+            let linears = [("self_attn.q_proj", &b.q), ("self_attn.k_proj", &b.k), ("self_attn.v_proj", &b.v), ("self_attn.o_proj", &b.o), ("mlp.gate_proj", &b.gate), ("mlp.up_proj", &b.up), ("mlp.down_proj", &b.down)];
+            for (n, lin) in linears {
+                named.push((format!("{p}.{n}.weight"), &lin.w));
+                if let Some(bias) = &lin.b {
+                    named.push((format!("{p}.{n}.bias"), bias));
+                }
+            }
+        }
+        named.push(("model.norm.weight".into(), &self.norm));
         if let Some(head) = &self.lm_head {
             named.push(("lm_head.weight".into(), &head.w));
         }
-        for (l, b) in self.blocks.iter().enumerate() {
-            for (n, w) in [("q_proj", &b.q.w), ("k_proj", &b.k.w), ("v_proj", &b.v.w), ("o_proj", &b.o.w), ("gate_proj", &b.gate.w), ("up_proj", &b.up.w), ("down_proj", &b.down.w)] {
-                named.push((format!("model.layers.{l}.{n}.weight"), w));
-            }
-        }
-        for (name, w) in named {
+        named
+    }
+
+    fn check_finite(&self) -> Result<()> {
+        for (name, w) in self.named_weights() {
             if let Some(pos) = w.iter().position(|x| !x.is_finite()) {
                 return Err(Error::NonFinite(format!("weight `{name}` at element {pos}: {}", w[pos])));
             }

@@ -50,10 +50,15 @@ impl SafetensorsSet {
     pub fn open_index(index: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
         let v: Value = serde_json::from_str(&text).map_err(|e| Error::format(index, "JSON", e.to_string()))?;
-        let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| Error::MissingField {
-            path: index.to_path_buf(),
-            field: "weight_map".into(),
-        })?;
+        let invalid_map = |msg: &str| Error::InvalidField { path: index.to_path_buf(), field: "weight_map".into(), msg: msg.into() };
+        let map = match v.get("weight_map") {
+            None | Some(Value::Null) => {
+                return Err(Error::MissingField { path: index.to_path_buf(), field: "weight_map".into() })
+            }
+            Some(Value::Object(m)) if m.is_empty() => return Err(invalid_map("lists no tensors")),
+            Some(Value::Object(m)) => m,
+            Some(_) => return Err(invalid_map("expected an object mapping tensor names to shard files")),
+        };
         let dir = index.parent().unwrap_or(Path::new("."));
         let mut shard_names: Vec<&str> = Vec::new();
         for (tensor, file) in map {
@@ -62,7 +67,7 @@ impl SafetensorsSet {
                 field: format!("weight_map.{tensor}"),
                 msg: "expected a file name".into(),
             })?;
-            if file.contains('/') || file.contains('\\') || file == ".." {
+            if file.is_empty() || file == "." || file == ".." || file.contains('/') || file.contains('\\') {
                 return Err(Error::InvalidField {
                     path: index.to_path_buf(),
                     field: format!("weight_map.{tensor}"),

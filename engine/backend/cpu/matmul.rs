@@ -3,6 +3,7 @@
 //! All matrices are row-major slices. Work below ~64k multiply-adds runs single-threaded:
 //! rayon's fork/join costs more than it saves there (decode-time matrix-vector products of
 //! small heads).
+use super::gemv;
 use gemm::Parallelism;
 
 const PARALLEL_MIN_WORK: usize = 1 << 16;
@@ -38,6 +39,7 @@ impl View<'_> {
 }
 
 /// dst[m, n] (row stride `dst_rs`) = (accumulate ? dst : 0) + lhs · rhs.
+#[allow(clippy::too_many_arguments)]
 fn gemm_strided(
     m: usize,
     n: usize,
@@ -104,10 +106,17 @@ pub fn matmul_nt(
     k: usize,
     accumulate: bool,
 ) {
+    if m <= GEMV_MAX_ROWS && m * n * k >= PARALLEL_MIN_WORK {
+        return gemv::matmul_nt_few_rows(y, y_rs, x, x_rs, w, w_rs, m, n, k, accumulate);
+    }
     let lhs = View { data: x, rs: x_rs, cs: 1 };
     let rhs = View { data: w, rs: 1, cs: w_rs };
     gemm_strided(m, n, k, y, y_rs, lhs, rhs, accumulate);
 }
+
+/// Up to this many rows, `matmul_nt` streams the weight once with dot products (decode steps
+/// are memory-bound: the `gemm` crate reaches ~6 GB/s there, the dot kernel ~25 GB/s).
+const GEMV_MAX_ROWS: usize = 8;
 
 /// `y[m, n] (+)= x[m, k] · w[k, n]`.
 #[allow(clippy::too_many_arguments)]
@@ -172,7 +181,7 @@ mod tests {
 
     #[test]
     fn nt_nn_tn_match_naive() {
-        for &(m, n, k) in &[(1, 1, 1), (3, 5, 7), (67, 33, 129), (128, 96, 200)] {
+        for &(m, n, k) in &[(1, 1, 1), (3, 5, 7), (67, 33, 129), (128, 96, 200), (1, 1000, 77), (5, 300, 333)] {
             let x = pseudo(m * k, 1);
             let w = pseudo(n * k, 2);
             let want = naive_nt(&x, &w, m, n, k);

@@ -3,6 +3,7 @@
 //! `gemm` crate and rayon.
 mod attention;
 mod elementwise;
+mod gemv;
 mod matmul;
 
 pub use attention::{attention, AttentionShape};
