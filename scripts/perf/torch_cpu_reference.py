@@ -41,7 +41,7 @@ with torch.inference_mode():
 
     def one():
         model(input_ids=step, past_key_values=past, use_cache=True)
-        past.crop(64)  # back to the 64-token prompt for the next repetition
+        past.crop(-1)  # back to the 64-token prompt for the next repetition
 
     s = timed(one, 20)
     print(f"decode step at 64: {s * 1e3:.2f} ms, {1 / s:.1f} tok/s")
