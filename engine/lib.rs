@@ -8,6 +8,7 @@ pub mod error;
 pub mod model;
 pub mod rng;
 pub mod tensor;
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -78,3 +78,20 @@ impl Batch {
         self.mask.iter().filter(|&&m| m).count()
     }
 }
+
+/// RoPE positions of a chunk: each real token's index among its sequence's real tokens,
+/// continuing from `start[b]` real tokens already seen; padding takes the previous position
+/// (its output is never used). Returns the positions and the updated real-token counts.
+pub(crate) fn positions(batch: &Batch, start: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    let t = batch.seq;
+    let mut pos = vec![0usize; batch.batch * t];
+    let mut counts = start.to_vec();
+    for (b, real) in counts.iter_mut().enumerate() {
+        for i in 0..t {
+            let m = batch.mask[b * t + i];
+            pos[b * t + i] = if m { *real } else { real.saturating_sub(1) };
+            *real += m as usize;
+        }
+    }
+    (pos, counts)
+}

@@ -6,6 +6,7 @@ mod forward;
 pub mod generate;
 
 pub use batch::Batch;
+pub(crate) use batch::positions;
 pub use cache::KvCache;
 pub use config::{Family, ModelConfig};
 pub use forward::{ForwardOptions, ForwardOutput, LogitsMode, ProbeSpec};

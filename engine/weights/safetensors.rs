@@ -191,3 +191,18 @@ impl SafetensorsSet {
         parse(path, mmap).ok()?.tensor(name).ok().map(|t| t.shape().to_vec())
     }
 }
+
+/// Serialises named f32 tensors to safetensors bytes (`(name, shape, data)`; each `data` must
+/// hold the product of its shape).
+pub fn serialize_f32<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a [usize], &'a [f32])>) -> Result<Vec<u8>> {
+    let mut views = Vec::new();
+    for (name, shape, data) in tensors {
+        if shape.iter().product::<usize>() != data.len() {
+            return Err(Error::Input(format!("tensor `{name}`: shape {shape:?} does not match {} values", data.len())));
+        }
+        let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.to_vec(), bytemuck::cast_slice(data))
+            .map_err(|e| Error::Input(format!("tensor `{name}`: {e}")))?;
+        views.push((name.to_string(), view));
+    }
+    safetensors::serialize(views, None).map_err(|e| Error::Input(format!("serialising safetensors: {e}")))
+}
