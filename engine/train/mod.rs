@@ -5,3 +5,4 @@ pub mod checkpoint;
 pub mod lora;
 pub mod loss;
 pub mod optim;
+pub mod trainer;

@@ -406,7 +406,7 @@ impl Schedule {
 
     /// `base_lr * factor(step)`, the LR for the update that follows `step` completed ones.
     pub fn lr_at(&self, base_lr: f64, step: u64) -> f64 {
-        base_lr * self.factor(step)
+        base_lr * self.factor(step + 1)
     }
 
     /// Rejects a warmup longer than the run and a `min_lr_ratio` outside [0, 1].

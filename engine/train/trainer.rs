@@ -1,0 +1,441 @@
+//! The training loop: seeded data order, gradient accumulation with ILREC.md's normalisation
+//! (all response tokens of the accumulated batch), clipping, AdamW with warmup + cosine, atomic
+//! checkpoints and exact resume on the CPU.
+use super::backprop::{forward_backward, Grads, Objective, TrainBatch};
+use super::checkpoint::{self, Checkpoint};
+use super::lora::{Lora, LoraConfig, Target};
+use super::loss::LossStats;
+use super::optim::{clip_grad_norm, AdamW, NamedTensor, Optimizer, ParamRef, Schedule};
+use crate::error::{Error, Result};
+use crate::model::{Batch, Model};
+use crate::rng::Rng;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// One training sample: a token sequence and the positions whose next token is supervised.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Example {
+    pub tokens: Vec<u32>,
+    /// Positions `t` (within `tokens`) whose logits must predict `targets[i]`.
+    pub loss_positions: Vec<usize>,
+    pub targets: Vec<u32>,
+    /// Per loss position: the target is an item-identifier token (ILRec terms apply).
+    pub item_mask: Vec<bool>,
+    /// Per loss position and candidate token: CF rewards, `[positions, S]`.
+    pub rewards: Option<Vec<f32>>,
+}
+
+impl Example {
+    /// An SFT-style sample: `prompt` followed by `response`, loss on every response token.
+    pub fn prompt_response(prompt: &[u32], response: &[u32]) -> Self {
+        let tokens: Vec<u32> = prompt.iter().chain(response).copied().collect();
+        let start = prompt.len().saturating_sub(1);
+        let loss_positions: Vec<usize> = (start..start + response.len()).collect();
+        Example { item_mask: vec![false; response.len()], targets: response.to_vec(), loss_positions, tokens, rewards: None }
+    }
+
+    fn check(&self, i: usize) -> Result<()> {
+        let m = self.loss_positions.len();
+        if self.tokens.is_empty() || m == 0 || self.targets.len() != m || self.item_mask.len() != m {
+            return Err(Error::Input(format!(
+                "training example {i}: {} tokens, {m} loss positions, {} targets, {} item flags",
+                self.tokens.len(),
+                self.targets.len(),
+                self.item_mask.len()
+            )));
+        }
+        if let Some(&p) = self.loss_positions.iter().find(|&&p| p >= self.tokens.len()) {
+            return Err(Error::Input(format!("training example {i}: loss position {p} is past its {} tokens", self.tokens.len())));
+        }
+        Ok(())
+    }
+}
+
+/// Hyper-parameters of a run (defaults: the authors' recipe, ILREC.md section 8, with a
+/// CPU-sized batch).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub lora_rank: usize,
+    pub lora_alpha: f32,
+    pub lora_dropout: f32,
+    pub lora_targets: Vec<String>,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f32,
+    pub warmup_ratio: f64,
+    pub epochs: f64,
+    pub micro_batch: usize,
+    pub grad_accum: usize,
+    pub seed: u64,
+    /// Save a checkpoint every this many optimizer steps (0: only at the end).
+    pub checkpoint_every: u64,
+    pub keep_checkpoints: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            lora_rank: 64,
+            lora_alpha: 32.0,
+            lora_dropout: 0.05,
+            lora_targets: Target::ALL.iter().map(|t| t.name().to_string()).collect(),
+            lr: 5e-5,
+            weight_decay: 0.0,
+            max_grad_norm: 0.3,
+            warmup_ratio: 0.05,
+            epochs: 1.0,
+            micro_batch: 4,
+            grad_accum: 1,
+            seed: 0,
+            checkpoint_every: 0,
+            keep_checkpoints: 2,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn lora_config(&self) -> Result<LoraConfig> {
+        let targets = self
+            .lora_targets
+            .iter()
+            .map(|n| Target::from_name(n).ok_or_else(|| Error::Input(format!("lora_targets: `{n}` is not one of q,k,v,o,gate,up,down _proj"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(LoraConfig { rank: self.lora_rank, alpha: self.lora_alpha, dropout: self.lora_dropout, targets })
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.micro_batch == 0 || self.grad_accum == 0 || !(self.epochs > 0.0) || !(0.0..=1.0).contains(&self.warmup_ratio) || !(self.max_grad_norm > 0.0) {
+            return Err(Error::Input(format!(
+                "train config: need micro_batch, grad_accum > 0, epochs > 0, warmup_ratio in [0, 1], max_grad_norm > 0; got {self:?}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Debug)]
+pub struct StepReport {
+    /// Optimizer steps completed, this one included.
+    pub step: u64,
+    pub total_steps: u64,
+    pub lr: f64,
+    /// Loss terms of the accumulated batch (each normalised by its response tokens).
+    pub stats: LossStats,
+    /// Gradient norm before clipping.
+    pub grad_norm: f32,
+    /// Tokens processed (padding excluded) and response tokens supervised.
+    pub tokens: usize,
+    pub response_tokens: usize,
+    pub seconds: f64,
+}
+
+const EMBED_ROWS: &str = "trainable_tokens.embed_rows";
+const HEAD_ROWS: &str = "trainable_tokens.head_rows";
+
+/// A training run in progress.
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub lora: Lora,
+    opt: Optimizer,
+    schedule: Schedule,
+    rng: Rng,
+    trainable_tokens: Vec<u32>,
+    embed_rows: Vec<f32>,
+    head_rows: Vec<f32>,
+    step: u64,
+    micro_step: u64,
+    epoch: u64,
+    cursor: u64,
+    total_steps: u64,
+    n_examples: usize,
+}
+
+fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
+    let mut rng = Rng::new(seed ^ (epoch.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        order.swap(i, rng.below(i + 1));
+    }
+    order
+}
+
+fn rows_of(src: &[f32], tokens: &[u32], h: usize) -> Vec<f32> {
+    tokens.iter().flat_map(|&t| src[t as usize * h..(t as usize + 1) * h].iter().copied()).collect()
+}
+
+impl Trainer {
+    /// A fresh run: LoRA initialised as PEFT does, optimiser state zero. `trainable_tokens` are
+    /// vocabulary ids whose embedding (and untied LM-head) rows are trained.
+    pub fn new(model: &Model, cfg: TrainConfig, n_examples: usize, trainable_tokens: Vec<u32>) -> Result<Self> {
+        cfg.validate()?;
+        if n_examples == 0 {
+            return Err(Error::Input("no training examples".into()));
+        }
+        let v = model.config.vocab_size;
+        if let Some(&t) = trainable_tokens.iter().find(|&&t| t as usize >= v) {
+            return Err(Error::Input(format!("trainable token {t} is outside the vocabulary ({v})")));
+        }
+        let mut rng = Rng::new(cfg.seed);
+        let lora = Lora::new(model, cfg.lora_config()?, &mut rng)?;
+        let h = model.config.hidden_size;
+        let embed_rows = rows_of(&model.embed, &trainable_tokens, h);
+        let head_rows = model.lm_head.as_ref().map(|l| rows_of(&l.w, &trainable_tokens, h)).unwrap_or_default();
+        let mut shapes: Vec<(String, Vec<usize>)> = lora.named().into_iter().map(|(n, s, _)| (n, s)).collect();
+        shapes.push((EMBED_ROWS.into(), vec![trainable_tokens.len(), h]));
+        shapes.push((HEAD_ROWS.into(), vec![head_rows.len() / h.max(1), h]));
+        let refs: Vec<(&str, &[usize])> = shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect();
+        let opt = Optimizer::new(AdamW { lr: cfg.lr, weight_decay: cfg.weight_decay, ..Default::default() }, &refs)?;
+        let per_step = cfg.micro_batch * cfg.grad_accum;
+        let total_steps = ((cfg.epochs * n_examples as f64) / per_step as f64).ceil().max(1.0) as u64;
+        let warmup = (cfg.warmup_ratio * total_steps as f64).ceil() as u64;
+        let schedule = Schedule::warmup_cosine(warmup.min(total_steps), total_steps);
+        Ok(Trainer {
+            cfg,
+            lora,
+            opt,
+            schedule,
+            rng,
+            trainable_tokens,
+            embed_rows,
+            head_rows,
+            step: 0,
+            micro_step: 0,
+            epoch: 0,
+            cursor: 0,
+            total_steps,
+            n_examples,
+        })
+    }
+
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        self.total_steps
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.step >= self.total_steps
+    }
+
+    /// The run's identity, stored in checkpoints and compared on resume.
+    fn identity(&self) -> serde_json::Value {
+        serde_json::json!({ "train": self.cfg, "trainable_tokens": self.trainable_tokens, "n_examples": self.n_examples })
+    }
+
+    fn next_examples(&mut self, k: usize) -> Vec<usize> {
+        let mut out = Vec::with_capacity(k);
+        let mut order = epoch_order(self.cfg.seed, self.epoch, self.n_examples);
+        while out.len() < k {
+            if self.cursor as usize >= self.n_examples {
+                self.epoch += 1;
+                self.cursor = 0;
+                order = epoch_order(self.cfg.seed, self.epoch, self.n_examples);
+            }
+            out.push(order[self.cursor as usize]);
+            self.cursor += 1;
+        }
+        out
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches.
+    pub fn train_step(&mut self, model: &mut Model, data: &[Example], objective: &Objective) -> Result<StepReport> {
+        if data.len() != self.n_examples {
+            return Err(Error::Input(format!("the run was set up for {} examples, got {}", self.n_examples, data.len())));
+        }
+        let started = Instant::now();
+        let step_no = self.step + 1;
+        let micro: Vec<Vec<usize>> = (0..self.cfg.grad_accum).map(|_| self.next_examples(self.cfg.micro_batch)).collect();
+        for &i in micro.iter().flatten() {
+            data[i].check(i)?;
+        }
+        // ILREC.md section 7: normalise by every response token of the accumulated batch.
+        let response_tokens: usize = micro.iter().flatten().map(|&i| data[i].targets.len()).sum();
+        let mut grads = Grads::zeros(model, &self.lora, self.trainable_tokens.len());
+        let mut stats = LossStats::default();
+        let mut tokens = 0;
+        for ids in &micro {
+            let tb = collate(data, ids)?;
+            tokens += tb.batch.num_real();
+            let (st, g) = forward_backward(model, &self.lora, &tb, objective, &self.trainable_tokens, response_tokens as f64, true, &mut self.rng)
+                .map_err(|e| at_step(e, step_no))?;
+            stats.accumulate(&st);
+            let mut g = g;
+            for (acc, x) in grads.tensors_mut().into_iter().zip(g.tensors_mut()) {
+                acc.iter_mut().zip(x.iter()).for_each(|(a, b)| *a += b);
+            }
+        }
+        let names: Vec<String> = self.param_names();
+        let mut gts = grads.tensors_mut();
+        if let Some((name, i)) = gts.iter().zip(&names).find_map(|(g, n)| g.iter().position(|x| !x.is_finite()).map(|i| (n.clone(), i))) {
+            return Err(Error::NonFinite(format!("step {step_no}: gradient of `{name}` at element {i}")));
+        }
+        let mut slices: Vec<&mut [f32]> = gts.iter_mut().map(|g| g.as_mut_slice()).collect();
+        let grad_norm = clip_grad_norm(&mut slices, self.cfg.max_grad_norm);
+        if !grad_norm.is_finite() {
+            return Err(Error::NonFinite(format!("step {step_no}: gradient norm {grad_norm}")));
+        }
+        let lr = self.schedule.lr_at(self.cfg.lr, self.step);
+        {
+            let grads_ro: Vec<&[f32]> = gts.iter().map(|g| g.as_slice()).collect();
+            let mut values: Vec<&mut Vec<f32>> = self.lora.named_mut().into_iter().map(|(_, t)| t).collect();
+            values.push(&mut self.embed_rows);
+            values.push(&mut self.head_rows);
+            let mut params: Vec<ParamRef<'_>> = values
+                .into_iter()
+                .zip(&names)
+                .zip(grads_ro)
+                .map(|((v, name), grad)| ParamRef { name: name.as_str(), values: v.as_mut_slice(), grad, decay: true })
+                .collect();
+            self.opt.step(&mut params, lr).map_err(|e| at_step(e, step_no))?;
+        }
+        self.write_rows(model);
+        self.step = step_no;
+        self.micro_step += self.cfg.grad_accum as u64;
+        Ok(StepReport { step: step_no, total_steps: self.total_steps, lr, stats, grad_norm, tokens, response_tokens, seconds: started.elapsed().as_secs_f64() })
+    }
+
+    fn param_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.lora.named().into_iter().map(|(n, _, _)| n).collect();
+        names.push(EMBED_ROWS.into());
+        names.push(HEAD_ROWS.into());
+        names
+    }
+
+    /// Copies the trained token rows into the model.
+    fn write_rows(&self, model: &mut Model) {
+        let h = model.config.hidden_size;
+        for (i, &t) in self.trainable_tokens.iter().enumerate() {
+            let t = t as usize;
+            model.embed[t * h..(t + 1) * h].copy_from_slice(&self.embed_rows[i * h..(i + 1) * h]);
+            if let Some(head) = model.lm_head.as_mut() {
+                head.w[t * h..(t + 1) * h].copy_from_slice(&self.head_rows[i * h..(i + 1) * h]);
+            }
+        }
+    }
+
+    /// Writes a checkpoint into `dir` (atomically; keeps the configured number).
+    pub fn save(&self, dir: &Path) -> Result<PathBuf> {
+        let h = if self.trainable_tokens.is_empty() { 0 } else { self.embed_rows.len() / self.trainable_tokens.len() };
+        let mut trainable: Vec<NamedTensor> = self.lora.named().into_iter().map(|(n, s, d)| (n, s, d.to_vec())).collect();
+        trainable.push((EMBED_ROWS.into(), vec![self.trainable_tokens.len(), h], self.embed_rows.clone()));
+        trainable.push((HEAD_ROWS.into(), vec![if h == 0 { 0 } else { self.head_rows.len() / h }, h], self.head_rows.clone()));
+        let ck = Checkpoint {
+            step: self.step,
+            micro_step: self.micro_step,
+            epoch: self.epoch,
+            data_cursor: self.cursor,
+            rng: self.rng.state(),
+            schedule: self.schedule,
+            optimizer: self.opt.config,
+            config: self.identity(),
+            trainable,
+            optimizer_state: self.opt.state_tensors(),
+        };
+        checkpoint::save_checkpoint(dir, &ck, self.cfg.keep_checkpoints)
+    }
+
+    /// Restores the latest checkpoint of `dir` into this (freshly created) run; `false` when
+    /// there is none. The checkpoint must come from a run with the same configuration.
+    pub fn resume(&mut self, model: &mut Model, dir: &Path) -> Result<bool> {
+        checkpoint::remove_stale_temp(dir)?;
+        let Some(ck) = checkpoint::load_latest(dir)? else { return Ok(false) };
+        let step_dir = checkpoint::latest_step_dir(dir)?.unwrap_or_else(|| dir.to_path_buf());
+        if ck.config != self.identity() {
+            return Err(Error::InvalidField {
+                path: step_dir.join(checkpoint::STATE_FILE),
+                field: "config".into(),
+                msg: "the checkpoint belongs to a run with another configuration, data size or trainable tokens".into(),
+            });
+        }
+        let file = step_dir.join(checkpoint::TRAINABLE_FILE);
+        let find = |name: &str, len: usize| -> Result<Vec<f32>> {
+            let t = ck.trainable.iter().find(|t| t.0 == name).ok_or_else(|| Error::MissingTensor { path: file.clone(), tensor: name.into() })?;
+            if t.2.len() != len {
+                return Err(Error::ShapeMismatch { path: file.clone(), tensor: name.into(), expected: vec![len], got: t.1.clone() });
+            }
+            Ok(t.2.clone())
+        };
+        // Everything is read and checked before anything is replaced.
+        let lora_vals = self.lora.named().into_iter().map(|(n, _, d)| find(&n, d.len())).collect::<Result<Vec<_>>>()?;
+        let embed_rows = find(EMBED_ROWS, self.embed_rows.len())?;
+        let head_rows = find(HEAD_ROWS, self.head_rows.len())?;
+        self.opt.load_state(&step_dir.join(checkpoint::OPTIMIZER_FILE), &ck.optimizer_state)?;
+        for ((_, t), v) in self.lora.named_mut().into_iter().zip(lora_vals) {
+            *t = v;
+        }
+        self.embed_rows = embed_rows;
+        self.head_rows = head_rows;
+        self.step = ck.step;
+        self.micro_step = ck.micro_step;
+        self.epoch = ck.epoch;
+        self.cursor = ck.data_cursor;
+        self.rng = Rng::from_state(ck.rng);
+        self.write_rows(model);
+        Ok(true)
+    }
+}
+
+fn at_step(e: Error, step: u64) -> Error {
+    match e {
+        Error::NonFinite(m) => Error::NonFinite(format!("step {step}: {m}")),
+        other => other,
+    }
+}
+
+/// Right-pads the examples `ids` into one batch with their loss rows.
+fn collate(data: &[Example], ids: &[usize]) -> Result<TrainBatch> {
+    let seqs: Vec<Vec<u32>> = ids.iter().map(|&i| data[i].tokens.clone()).collect();
+    let batch = Batch::right_padded(&seqs, 0)?;
+    let t = batch.seq;
+    let mut tb = TrainBatch { batch, positions: vec![], targets: vec![], item_mask: vec![], rewards: None };
+    let with_rewards = ids.iter().any(|&i| data[i].rewards.is_some());
+    let mut rewards = Vec::new();
+    for (b, &i) in ids.iter().enumerate() {
+        let ex = &data[i];
+        tb.positions.extend(ex.loss_positions.iter().map(|&p| b * t + p));
+        tb.targets.extend_from_slice(&ex.targets);
+        tb.item_mask.extend_from_slice(&ex.item_mask);
+        if with_rewards {
+            let r = ex.rewards.as_ref().ok_or_else(|| Error::Input(format!("training example {i} has no CF rewards while others do")))?;
+            rewards.extend_from_slice(r);
+        }
+    }
+    if with_rewards {
+        tb.rewards = Some(rewards);
+    }
+    Ok(tb)
+}
+
+/// Runs (or resumes, when `checkpoint_dir` holds a checkpoint of the same run) a whole training
+/// run, calling `on_step` after every optimizer step. On a non-finite loss or gradient the run
+/// stops with the error; the last good checkpoint stays in place.
+pub fn train(
+    model: &mut Model,
+    data: &[Example],
+    cfg: TrainConfig,
+    objective: &Objective,
+    trainable_tokens: Vec<u32>,
+    checkpoint_dir: Option<&Path>,
+    mut on_step: impl FnMut(&StepReport),
+) -> Result<Trainer> {
+    let mut tr = Trainer::new(model, cfg, data.len(), trainable_tokens)?;
+    if let Some(dir) = checkpoint_dir {
+        tr.resume(model, dir)?;
+    }
+    while !tr.is_done() {
+        let rep = tr.train_step(model, data, objective)?;
+        on_step(&rep);
+        if let Some(dir) = checkpoint_dir {
+            let every = tr.cfg.checkpoint_every;
+            if (every > 0 && tr.step % every == 0) || tr.is_done() {
+                tr.save(dir)?;
+            }
+        }
+    }
+    Ok(tr)
+}
