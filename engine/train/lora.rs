@@ -275,3 +275,34 @@ impl Lora {
         Ok(Lora { config, blocks })
     }
 }
+
+impl Lora {
+    /// Folds the adapters into the model's weights (`W += s B A`), for inference and
+    /// evaluation with the plain forward.
+    pub fn merge_into(&self, model: &mut Model) -> Result<()> {
+        if self.blocks.len() != model.blocks.len() {
+            return Err(Error::Input(format!("adapter has {} blocks, the model {}", self.blocks.len(), model.blocks.len())));
+        }
+        let (r, s) = (self.config.rank, self.config.scale());
+        for (slots, blk) in self.blocks.iter().zip(model.blocks.iter_mut()) {
+            for t in Target::ALL {
+                let Some(p) = &slots[t.index()] else { continue };
+                let lin = match t {
+                    Target::Q => &mut blk.q,
+                    Target::K => &mut blk.k,
+                    Target::V => &mut blk.v,
+                    Target::O => &mut blk.o,
+                    Target::Gate => &mut blk.gate,
+                    Target::Up => &mut blk.up,
+                    Target::Down => &mut blk.down,
+                };
+                if lin.in_dim != p.in_dim || lin.out_dim != p.out_dim {
+                    return Err(Error::Input(format!("adapter for {} is {}x{}, the layer {}x{}", t.name(), p.out_dim, p.in_dim, lin.out_dim, lin.in_dim)));
+                }
+                let sb: Vec<f32> = p.b.iter().map(|v| v * s).collect();
+                crate::backend::cpu::matmul_nn(&mut lin.w, lin.in_dim, &sb, r, &p.a, lin.in_dim, lin.out_dim, lin.in_dim, r, true);
+            }
+        }
+        Ok(())
+    }
+}
