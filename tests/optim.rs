@@ -10,7 +10,7 @@ use ilrec::rng::Rng;
 use ilrec::train::checkpoint::{
     atomic_write, list_checkpoints, load, load_latest, remove_stale_temp, save_checkpoint, Checkpoint,
 };
-use ilrec::train::optim::{clip_grad_norm, AdamW, GradAccumulator, NamedTensor, Optimizer, ParamRef, Schedule};
+use ilrec::train::optim::{clip_grad_norm, AdamW, NamedTensor, Optimizer, ParamRef, Schedule};
 use ilrec::Error;
 use safetensors::SafeTensors;
 use serde_json::Value;
@@ -255,31 +255,6 @@ fn optimizer_rejects_bad_input_without_touching_state() {
         .unwrap_err();
     assert!(matches!(err, Error::Input(_)), "{err}");
     assert!(Optimizer::new(AdamW { beta2: 1.0, ..AdamW::default() }, &[]).is_err());
-}
-
-#[test]
-fn grad_accumulator_averages_in_order() {
-    let lens = [5usize, 3];
-    let mut acc = GradAccumulator::new(&lens, 3).unwrap();
-    let mut rng = Rng::new(7);
-    for round in 0..2 {
-        let micro: Vec<Vec<Vec<f32>>> = (0..3).map(|_| lens.iter().map(|&n| (0..n).map(|_| rng.normal()).collect()).collect()).collect();
-        for (i, m) in micro.iter().enumerate() {
-            let refs: Vec<&[f32]> = m.iter().map(|g| g.as_slice()).collect();
-            assert_eq!(acc.add(&refs).unwrap(), i == 2, "round {round} micro {i}");
-        }
-        assert!(acc.add(&[&[0.0; 5], &[0.0; 3]]).is_err(), "a fourth micro-batch must be refused");
-        let mean = acc.take_mean().unwrap();
-        for (t, got) in mean.iter().enumerate() {
-            for j in 0..lens[t] {
-                let want = micro.iter().map(|m| m[t][j] as f64).sum::<f64>() / 3.0;
-                assert!((got[j] as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()), "round {round} t{t}[{j}]");
-            }
-        }
-        assert_eq!(acc.count(), 0);
-    }
-    assert!(acc.take_mean().is_err());
-    assert!(acc.add(&[&[0.0; 4], &[0.0; 3]]).is_err());
 }
 
 // ------------------------------------------------------------------ checkpoints

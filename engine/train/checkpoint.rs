@@ -136,8 +136,10 @@ pub fn save_checkpoint(dir: &Path, ckpt: &Checkpoint, keep_last: usize) -> Resul
         fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
     }
     if keep_last > 0 {
-        let older: Vec<(u64, PathBuf)> =
-            list_checkpoints(dir)?.into_iter().filter(|(s, _)| *s <= ckpt.step).collect();
+        let older: Vec<(u64, PathBuf)> = list_checkpoints(dir)?
+            .into_iter()
+            .filter(|(s, _)| *s <= ckpt.step)
+            .collect();
         let excess = older.len().saturating_sub(keep_last);
         for (step, path) in older.into_iter().take(excess) {
             // Rename first so a crash mid-delete never leaves a partial `step-N`.
@@ -181,7 +183,11 @@ pub fn latest_step_dir(dir: &Path) -> Result<Option<PathBuf>> {
         Ok(s) => {
             let name = s.trim();
             if parse_step_dir_name(name).is_none() {
-                return Err(Error::format(&pointer, "checkpoint pointer", format!("{name:?} is not `step-N`")));
+                return Err(Error::format(
+                    &pointer,
+                    "checkpoint pointer",
+                    format!("{name:?} is not `step-N`"),
+                ));
             }
             let target = dir.join(name);
             if target.is_dir() {
@@ -216,8 +222,7 @@ pub fn remove_stale_temp(dir: &Path) -> Result<Vec<PathBuf>> {
         let Some(name) = name.to_str() else { continue };
         let path = entry.path();
         let stale_dir = name.split_once('.').is_some_and(|(stem, rest)| {
-            parse_step_dir_name(stem).is_some()
-                && ["tmp-", "old-", "del-"].iter().any(|p| rest.starts_with(p))
+            parse_step_dir_name(stem).is_some() && ["tmp-", "old-", "del-"].iter().any(|p| rest.starts_with(p))
         });
         if stale_dir && path.is_dir() {
             fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
@@ -238,9 +243,11 @@ pub fn remove_stale_temp(dir: &Path) -> Result<Vec<PathBuf>> {
 pub fn load(step_dir: &Path) -> Result<Checkpoint> {
     let state_path = step_dir.join(STATE_FILE);
     let text = fs::read(&state_path).map_err(|e| Error::io(&state_path, e))?;
-    let state: Value =
-        serde_json::from_slice(&text).map_err(|e| Error::format(&state_path, "JSON", e.to_string()))?;
-    let f = Fields { path: &state_path, obj: state.as_object() };
+    let state: Value = serde_json::from_slice(&text).map_err(|e| Error::format(&state_path, "JSON", e.to_string()))?;
+    let f = Fields {
+        path: &state_path,
+        obj: state.as_object(),
+    };
     let obj = f
         .obj
         .ok_or_else(|| Error::format(&state_path, "checkpoint state", "top level is not an object"))?;
@@ -251,10 +258,17 @@ pub fn load(step_dir: &Path) -> Result<Checkpoint> {
     }
     let version = f.u64("format_version")?;
     if version != FORMAT_VERSION {
-        return Err(f.invalid("format_version", format!("{version}; this build reads {FORMAT_VERSION}")));
+        return Err(f.invalid(
+            "format_version",
+            format!("{version}; this build reads {FORMAT_VERSION}"),
+        ));
     }
     let step = f.u64("step")?;
-    if let Some(dir_step) = step_dir.file_name().and_then(|n| n.to_str()).and_then(parse_step_dir_name) {
+    if let Some(dir_step) = step_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(parse_step_dir_name)
+    {
         if dir_step != step {
             return Err(f.invalid("step", format!("{step}, but the directory is step-{dir_step}")));
         }
@@ -325,7 +339,9 @@ fn parent_dir(path: &Path) -> PathBuf {
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io(path, e))
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(path, e))
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -351,7 +367,9 @@ fn validate_tensors(what: &str, tensors: &[NamedTensor]) -> Result<()> {
             )));
         }
         if let Some(i) = data.iter().position(|x| !x.is_finite()) {
-            return Err(Error::NonFinite(format!("{what} tensor `{name}` at index {i} (not saved)")));
+            return Err(Error::NonFinite(format!(
+                "{what} tensor `{name}` at index {i} (not saved)"
+            )));
         }
     }
     Ok(())
@@ -428,7 +446,10 @@ struct Fields<'a> {
 impl<'a> Fields<'a> {
     fn sub(&self, field: &str, v: &'a Value) -> Result<Fields<'a>> {
         match v.as_object() {
-            Some(obj) => Ok(Fields { path: self.path, obj: Some(obj) }),
+            Some(obj) => Ok(Fields {
+                path: self.path,
+                obj: Some(obj),
+            }),
             None => Err(self.invalid(field, "not an object".into())),
         }
     }
@@ -452,7 +473,8 @@ impl<'a> Fields<'a> {
     }
     fn str(&self, field: &str) -> Result<&'a str> {
         let v = self.get(field)?;
-        v.as_str().ok_or_else(|| self.invalid(field, format!("{v} is not a string")))
+        v.as_str()
+            .ok_or_else(|| self.invalid(field, format!("{v} is not a string")))
     }
     fn f64(&self, field: &str) -> Result<f64> {
         let s = self.str(field)?;
@@ -484,9 +506,7 @@ fn schedule_from_json(f: &Fields, v: &Value) -> Result<Schedule> {
         },
         other => return Err(f.invalid("schedule.kind", format!("unknown schedule {other:?}"))),
     };
-    sched
-        .validate()
-        .map_err(|e| f.invalid("schedule", e.to_string()))?;
+    sched.validate().map_err(|e| f.invalid("schedule", e.to_string()))?;
     Ok(sched)
 }
 
@@ -504,8 +524,7 @@ fn adamw_from_json(f: &Fields, v: &Value) -> Result<AdamW> {
         eps: g("eps")?,
         weight_decay: g("weight_decay")?,
     };
-    cfg.validate()
-        .map_err(|e| f.invalid("optimizer", e.to_string()))?;
+    cfg.validate().map_err(|e| f.invalid("optimizer", e.to_string()))?;
     Ok(cfg)
 }
 
@@ -530,8 +549,10 @@ fn prefix(e: Error, parent: &str) -> Error {
 fn read_tensor_file(f: &Fields, step_dir: &Path, file: &str, names_field: &str) -> Result<Vec<NamedTensor>> {
     let names = f.names(names_field)?;
     let files = f.sub("files", f.get("files")?)?;
-    let rec = files
-        .sub(&format!("files.{file}"), files.get(file).map_err(|e| prefix(e, "files."))?)?;
+    let rec = files.sub(
+        &format!("files.{file}"),
+        files.get(file).map_err(|e| prefix(e, "files."))?,
+    )?;
     let want_bytes = rec.u64("bytes").map_err(|e| prefix(e, &format!("files.{file}.")))?;
     let want_sum = rec.str("fnv1a64").map_err(|e| prefix(e, &format!("files.{file}.")))?;
 
@@ -541,7 +562,10 @@ fn read_tensor_file(f: &Fields, step_dir: &Path, file: &str, names_field: &str) 
         return Err(Error::format(
             &path,
             "safetensors",
-            format!("{} bytes, but state.json records {want_bytes} (truncated or replaced)", bytes.len()),
+            format!(
+                "{} bytes, but state.json records {want_bytes} (truncated or replaced)",
+                bytes.len()
+            ),
         ));
     }
     let sum = format!("{:016x}", fnv1a64(&bytes));
@@ -557,7 +581,11 @@ fn read_tensor_file(f: &Fields, step_dir: &Path, file: &str, names_field: &str) 
         return Err(Error::format(
             &path,
             "safetensors",
-            format!("{} tensors, but state.json lists {} in `{names_field}`", st.len(), names.len()),
+            format!(
+                "{} tensors, but state.json lists {} in `{names_field}`",
+                st.len(),
+                names.len()
+            ),
         ));
     }
     let mut out = Vec::with_capacity(names.len());
@@ -579,7 +607,10 @@ fn read_tensor_file(f: &Fields, step_dir: &Path, file: &str, names_field: &str) 
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         if let Some(i) = data.iter().position(|x| !x.is_finite()) {
-            return Err(Error::NonFinite(format!("{}: tensor `{name}` at index {i}", path.display())));
+            return Err(Error::NonFinite(format!(
+                "{}: tensor `{name}` at index {i}",
+                path.display()
+            )));
         }
         out.push((name.to_string(), t.shape().to_vec(), data));
     }
