@@ -1,0 +1,8 @@
+//! Generative recommendation: data sets and splits, item identifiers, the item trie,
+//! constrained beam search and ranking metrics.
+pub mod beam;
+pub mod data;
+pub mod metrics;
+pub mod prompt;
+pub mod semantic_id;
+pub mod trie;
