@@ -3,11 +3,14 @@
 //! LoRA training step `forward_backward` (LoRA A/B, dropout, trainable token rows) on the tiny
 //! Llama (untied head) and Qwen2 (tied, biases) fixtures.
 //!
-//! Central differences: the step actually taken in f32 is the denominator, the quotient is
-//! formed in f64. A comparison passes when `max |fd - an| <= rtol * scale + atol` over the
-//! checked entries of one tensor, `scale` being `max |an|` over the whole tensor (the checked
-//! entries always include the largest ones). `wrong_gradients_are_rejected` and the model tests
-//! show that the same comparison fails a sign flip, a 1% scaling and a missing term.
+//! Central differences (the step actually taken in f32 is the denominator, the quotient is
+//! formed in f64), Richardson-extrapolated over the steps h and 2h. A comparison passes when
+//! `max |fd - an| <= rtol * scale + atol` over the checked entries of one tensor, `scale` being
+//! `max |an|` over the whole tensor (the checked entries always include the largest ones).
+//! Tolerances (measured worst error in brackets, as a fraction of the scale): ops 2e-4 [3e-5],
+//! RoPE 1e-5 [2e-7], losses 1e-4 [1e-7], the tiny models 1e-3 [2e-4, the f32 forward's rounding
+//! noise]. `wrong_gradients_are_rejected` and the model tests show that the same comparison
+//! fails a sign flip, a 1% scaling and a missing term.
 //!
 //! Quantities the specification (ILREC.md) makes constants — `V_N`, the negative weights `w`,
 //! the CRR soft labels, the CPD teacher — are held fixed: the loss-level checks difference only
@@ -89,17 +92,21 @@ fn central(x0: f32, h: f32, mut f: impl FnMut(f32) -> f64) -> f64 {
     (fp - fm) / (xp as f64 - xm as f64)
 }
 
-/// Finite differences of `f` w.r.t. the entries `idx` of `x`, step `h(x_i)`.
+/// Finite differences of `f` w.r.t. the entries `idx` of `x`: Richardson extrapolation of the
+/// central differences at steps `h(x_i)` and `2 h(x_i)` (truncation error O(h^4)).
 fn fd_vec(x: &[f32], idx: &[usize], h: impl Fn(f32) -> f32, f: impl Fn(&[f32]) -> f64) -> Vec<f64> {
     let mut buf = x.to_vec();
     idx.iter()
         .map(|&i| {
-            let d = central(x[i], h(x[i]), |v| {
-                buf[i] = v;
-                f(&buf)
-            });
+            let mut d = |step: f32| {
+                central(x[i], step, |v| {
+                    buf[i] = v;
+                    f(&buf)
+                })
+            };
+            let (d1, d2) = (d(h(x[i])), d(2.0 * h(x[i])));
             buf[i] = x[i];
-            d
+            (4.0 * d1 - d2) / 3.0
         })
         .collect()
 }
@@ -137,7 +144,7 @@ fn pick(g: &[f32], top: usize, extra: usize, rng: &mut Rng) -> Vec<usize> {
 // ---------------------------------------------------------------------------------------------
 // 1. The ops alone (L = sum(G * op(x)), so the upstream gradient is G)
 
-const OP_RTOL: f64 = 1e-3;
+const OP_RTOL: f64 = 2e-4;
 const OP_ATOL: f64 = 1e-6;
 
 fn rms_case() -> (Vec<f32>, Vec<f32>, Vec<f32>, usize, f32) {
@@ -161,7 +168,7 @@ fn rms_fd(x: &[f32], w: &[f32], g: &[f32], h: usize, eps: f32) -> Vec<f64> {
     let fd = |row: usize| -> Vec<f64> {
         let xr = &x[row * h..(row + 1) * h];
         let rms = ((xr.iter().map(|v| (v * v) as f64).sum::<f64>() / h as f64) + eps as f64).sqrt() as f32;
-        fd_vec(x, &idx[row * h..(row + 1) * h], |_| 1e-3 * rms, |xx| {
+        fd_vec(x, &idx[row * h..(row + 1) * h], |_| 1e-2 * rms, |xx| {
             let mut y = vec![0.0f32; xx.len()];
             cpu::rms_norm(&mut y, xx, w, eps);
             dot(g, &y)
@@ -234,7 +241,7 @@ fn silu_case() -> (Vec<f32>, Vec<f32>, Vec<f32>) {
 
 fn silu_fd(gate: &[f32], up: &[f32], g: &[f32]) -> (Vec<f64>, Vec<f64>) {
     let idx: Vec<usize> = (0..gate.len()).collect();
-    let step = |v: f32| 1e-3 * v.abs().max(1.0);
+    let step = |v: f32| 1e-2 * v.abs().max(1.0);
     let fg = fd_vec(gate, &idx, step, |gg| {
         let mut a = gg.to_vec();
         cpu::silu_mul(&mut a, up);
@@ -301,7 +308,7 @@ fn att_loss(c: &AttCase, q: &[f32], k: &[f32], v: &[f32]) -> f64 {
 }
 
 fn att_fd(c: &AttCase) -> [Vec<f64>; 3] {
-    let step = |x: f32| 1e-3 * x.abs().max(1.0);
+    let step = |x: f32| 1e-2 * x.abs().max(1.0);
     let all = |n: usize| (0..n).collect::<Vec<_>>();
     [
         fd_vec(&c.q, &all(c.q.len()), step, |x| att_loss(c, x, &c.k, &c.v)),
@@ -446,6 +453,8 @@ fn cpo_only_matches_fd() {
         let p = params(0.5, 0.0, 0.0, nw, CpdDirection::Forward);
         let (st, df, dp) = run_loss(&c, &c.z, &c.probes, &p);
         assert!(st.negatives >= 4 && st.negatives < st.item_rows * (S - 1), "{nw:?}: want a non-trivial V_N, got {}", st.negatives);
+        // Negatives on both sides of zero: the scaling pushes some down and some up.
+        assert!(st.negatives_below_zero > 0 && st.negatives_below_zero < st.negatives, "{st:?}");
         assert_eq!(st.crr, 0.0);
         // w and V_N are constants: no probe gradient without CPD.
         assert!(dp.iter().flatten().all(|&x| x == 0.0), "{nw:?}: CPO must not send gradient into the probes");
@@ -477,8 +486,8 @@ fn cpd_matches_fd_both_directions() {
         let p = params(0.0, 1.0, 0.0, NegWeight::Prob, dir);
         let (st, df, dp) = run_loss(&c, &c.z, &c.probes, &p);
         assert!(st.cpd > 0.0);
-        for l in 0..K {
-            let an = to64(&dp[l]);
+        for (l, dpl) in dp.iter().enumerate() {
+            let an = to64(dpl);
             let fd = fd_probe(&c, &p, l, |s| s.loss);
             check(&format!("CPD d_probe[{l}] ({dir:?}, beta 0, total loss)"), &fd, &an, scale_of(&an), LOSS_RTOL, LOSS_ATOL);
         }
@@ -490,8 +499,8 @@ fn cpd_matches_fd_both_directions() {
             let p = params(0.5, 0.8, 0.3, nw, dir);
             let (st, _, dp) = run_loss(&c, &c.z, &c.probes, &p);
             assert!(st.negatives >= 4);
-            for l in 0..K {
-                let an = to64(&dp[l]);
+            for (l, dpl) in dp.iter().enumerate() {
+                let an = to64(dpl);
                 let fd = fd_probe(&c, &p, l, |s| p.lambda as f64 * s.cpd);
                 check(&format!("CPD d_probe[{l}] ({dir:?}, {nw:?}, lambda * cpd)"), &fd, &an, scale_of(&an), LOSS_RTOL, LOSS_ATOL);
             }
@@ -575,14 +584,17 @@ fn wrong_gradients_are_rejected() {
 // 3-5. The LoRA training step on the tiny models
 
 /// The loss of a tiny model is computed in f32 up to the logits: it carries ~2e-7 of rounding
-/// noise (measured), so steps of 1e-3 give FD noise ~1e-4 of the gradients' scale; the
-/// dependence on one weight is smooth enough that steps of 1e-2 (weights are ~0.02-0.1) have a
-/// truncation error below 1e-4 of the scale. Measured worst error at 1e-2: ~2e-4 of the scale.
+/// noise (measured), so plain central differences at steps of 1e-3 have an error of ~1e-4..4e-3
+/// of the gradients' scale, and at 1e-2 a truncation error up to ~7e-4 (embedding rows, which
+/// enter an RMSNorm at ~0.05 scale). Richardson extrapolation over h and 2h with h = 2e-2 (LoRA
+/// entries, ~0.05-0.1) or 1e-2 (token rows) removes the h^2 term: measured worst error 1.7e-4
+/// of the scale (FD noise).
 const MODEL_RTOL: f64 = 1e-3;
 const MODEL_ATOL: f64 = 0.0;
-const MODEL_STEP: f32 = 1e-2;
+const LORA_STEP: f32 = 2e-2;
+const ROW_STEP: f32 = 1e-2;
 /// Logit gap (in the probe ensemble) required around the targets chosen so that |V_N| <= 1.
-const MARGIN: f64 = 2e-3;
+const MARGIN: f64 = 0.05;
 
 struct Setup {
     model: Model,
@@ -638,8 +650,10 @@ fn outputs(model: &Model, lora: &Lora, su: &Setup) -> (Vec<f32>, Vec<Vec<f32>>) 
 
 /// tiny model + rank-4 LoRA on all targets with random B, and a right-padded batch of two
 /// sequences whose last 3 real tokens are the loss positions.
-fn setup(name: &str, dropout: f32, seed: u64) -> Setup {
+fn setup(name: &str, dropout: f32) -> Setup {
     let model = Model::load(&fixture(name)).unwrap();
+    // Seeds whose probe ensembles leave every item row a margin for targets_with_single_negative.
+    let seed = if name == "tiny-llama" { 7 } else { 1 };
     let c = &model.config;
     let vocab = c.vocab_size;
     let mut rng = Rng::new(seed);
@@ -677,10 +691,10 @@ fn setup(name: &str, dropout: f32, seed: u64) -> Setup {
     su
 }
 
-/// Targets making |V_N| <= 1 on every item row (alpha = 1): the ensemble's second-best candidate
-/// (V_N = {best}) or, on every third row, its best (V_N empty); with a logit margin so that tiny
-/// perturbations cannot change V_N. Then the weights w are 1 exactly and do not move. Returns
-/// the expected Σ|V_N|.
+/// Targets making |V_N| <= 1 on every item row (alpha = 1): the probe ensemble's second-best
+/// candidate (V_N = {best}) or its best (V_N empty; preferred on every third row), each only where
+/// the ensemble logits around it are at least MARGIN apart, so that small perturbations do not
+/// change V_N. Then the weights w are exactly 1 and do not move. Returns the expected Σ|V_N|.
 fn targets_with_single_negative(su: &mut Setup) -> usize {
     let (_, probes) = outputs(&su.model, &su.lora, su);
     let s = su.cands.len();
@@ -693,11 +707,14 @@ fn targets_with_single_negative(su: &mut Setup) -> usize {
         let mut order: Vec<usize> = (0..s).collect();
         order.sort_by(|&a, &b| zhat[b].total_cmp(&zhat[a]));
         let (g01, g12) = (zhat[order[0]] - zhat[order[1]], zhat[order[1]] - zhat[order[2]]);
-        let rank = if r % 3 == 0 { 0 } else { 1 };
-        assert!(g01 > MARGIN && (rank == 0 || g12 > MARGIN), "row {r}: probe logit gaps {g01:.2e}, {g12:.2e} too small: pick another seed");
+        let ok = |rank: usize| g01 >= MARGIN && (rank == 0 || g12 >= MARGIN);
+        let preferred = if r % 3 == 0 { 0 } else { 1 };
+        let rank = [preferred, 1 - preferred].into_iter().find(|&k| ok(k));
+        let rank = rank.unwrap_or_else(|| panic!("row {r}: probe logit gaps {g01:.2e}, {g12:.2e} below {MARGIN}: pick another seed"));
         su.tb.targets[r] = su.cands[order[rank]];
         negatives += rank;
     }
+    assert!(negatives >= 2, "too few rows with a negative: pick another seed");
     negatives
 }
 
@@ -799,8 +816,8 @@ struct Checked {
     scale: f64,
 }
 
-/// FD of `f(model, lora)` (`None`: the evaluation is not comparable, e.g. V_N changed; the step
-/// is then halved, at most 4 times) w.r.t. chosen entries of each family (its 3 largest
+/// Richardson-extrapolated central FD of `f(model, lora)` (`None`: the evaluation is not
+/// comparable, e.g. V_N changed; the step is then halved, at most 4 times) w.r.t. chosen entries of each family (its 3 largest
 /// gradients and 3 random ones), against `grads`; also asserts that the standard mutations of
 /// the analytic gradient are rejected.
 fn check_params(label: &str, su: &Setup, params: &[Param], grads: &Grads, f: impl Fn(&Model, &Lora) -> Option<f64>) -> Vec<Checked> {
@@ -814,13 +831,22 @@ fn check_params(label: &str, su: &Setup, params: &[Param], grads: &Grads, f: imp
             .iter()
             .map(|&i| {
                 let x0 = p.get(su, i);
-                let mut step = MODEL_STEP;
+                // Central difference at step h, None when an evaluation is not comparable.
+                let d = |h: f32| -> Option<f64> {
+                    let (xp, xm) = (x0 + h, x0 - h);
+                    Some((p.with(su, i, xp, &f)? - p.with(su, i, xm, &f)?) / (xp as f64 - xm as f64))
+                };
+                let mut step = match p {
+                    Param::Lora(_) => LORA_STEP,
+                    _ => ROW_STEP,
+                };
                 for _ in 0..5 {
-                    let (xp, xm) = (x0 + step, x0 - step);
-                    if let (Some(fp), Some(fm)) = (p.with(su, i, xp, &f), p.with(su, i, xm, &f)) {
-                        return (fp - fm) / (xp as f64 - xm as f64);
+                    // Richardson extrapolation of the steps h and 2h: truncation O(h^4).
+                    if let (Some(d1), Some(d2)) = (d(step), d(2.0 * step)) {
+                        return (4.0 * d1 - d2) / 3.0;
                     }
                     step /= 2.0;
+                    println!("{label}: {}[{i}]: V_N changed, step halved to {step:.1e}", p.label(su));
                 }
                 panic!("{label}: {}[{i}]: no step keeps the evaluation comparable (V_N keeps changing)", p.label(su));
             })
@@ -857,7 +883,7 @@ fn count_rejected(su: &Setup, checked: &[Checked], wrong: &Grads) -> usize {
 }
 
 fn sft_lora(name: &str) {
-    let su = setup(name, 0.0, 5);
+    let su = setup(name, 0.0);
     let (st, grads) = run(&su.model, &su.lora, &su, &Objective::Sft, false);
     assert!(st.loss > 0.0 && st.loss == st.ce);
     check_params(&format!("{name} SFT"), &su, &lora_params(&su), &grads, loss_fn(&su, &Objective::Sft, false, None));
@@ -873,10 +899,10 @@ fn forward_backward_sft_lora_tiny_qwen2() {
     sft_lora("tiny-qwen2");
 }
 
-const DIRECT: IlrecParams = IlrecParams { alpha: 1.0, beta: 0.5, lambda: 0.0, mu: 0.5, neg_weight: NegWeight::Prob, cpd_direction: CpdDirection::Forward };
+const DIRECT: IlrecParams = IlrecParams { alpha: 1.0, beta: 2.0, lambda: 0.0, mu: 0.5, neg_weight: NegWeight::Prob, cpd_direction: CpdDirection::Forward };
 
 fn ilrec_lora(name: &str) {
-    let mut su = setup(name, 0.0, 5);
+    let mut su = setup(name, 0.0);
     let negatives = targets_with_single_negative(&mut su);
     let obj = ilrec_obj(&su, DIRECT);
     let (st, grads) = run(&su.model, &su.lora, &su, &obj, false);
@@ -905,7 +931,7 @@ fn forward_backward_ilrec_lora_tiny_qwen2() {
 }
 
 fn dropout_lora(name: &str) {
-    let su = setup(name, 0.3, 5);
+    let su = setup(name, 0.3);
     // The dropout mask is drawn from the Rng: every evaluation re-seeds it identically.
     let (st_train, grads) = run(&su.model, &su.lora, &su, &Objective::Sft, true);
     let (st_eval, grads_eval) = run(&su.model, &su.lora, &su, &Objective::Sft, false);
@@ -915,11 +941,12 @@ fn dropout_lora(name: &str) {
     println!("{name} SFT dropout 0.3: the gradient without dropout is rejected on {n} of {} tensors", checked.len());
     assert!(n >= checked.len() / 2, "{name}: the dropout mask went unnoticed on most tensors");
     // ILRec with beta = 0 (the weights w play no role) and lambda = 0: V_N of any size, held
-    // fixed (random targets).
-    let p = IlrecParams { beta: 0.0, mu: 0.7, ..DIRECT };
+    // fixed; alpha = 0.01 puts every other candidate in V_N with a wide margin (the dropout
+    // forward's probe ranking is not known here), so CRR spreads over all candidates.
+    let p = IlrecParams { alpha: 0.01, beta: 0.0, mu: 0.7, ..DIRECT };
     let obj = ilrec_obj(&su, p);
     let (st, grads) = run(&su.model, &su.lora, &su, &obj, true);
-    assert!(st.negatives > 0 && st.crr > 0.0);
+    assert!(st.negatives == st.item_rows * (su.cands.len() - 1) && st.crr > 0.0, "{st:?}");
     check_params(&format!("{name} ILRec dropout 0.3"), &su, &lora_params(&su), &grads, loss_fn(&su, &obj, true, Some(st.negatives)));
 }
 
@@ -935,7 +962,7 @@ fn forward_backward_dropout_tiny_qwen2() {
 
 /// FD w.r.t. entries of the trainable embedding rows (and untied head rows).
 fn token_rows(name: &str, ilrec: bool) {
-    let mut su = setup(name, 0.0, 5);
+    let mut su = setup(name, 0.0);
     let tied = su.model.lm_head.is_none();
     let h = su.model.config.hidden_size;
     let (obj, negatives, label) = if ilrec {
@@ -1002,7 +1029,7 @@ fn loss_on(su: &Setup, z: &[f32], probes: &[Vec<f32>], p: &IlrecParams) -> LossS
 }
 
 fn full_objective(name: &str, p: IlrecParams) {
-    let su = setup(name, 0.0, 5); // random targets: V_N of any size
+    let su = setup(name, 0.0); // random targets: V_N of any size
     let obj = ilrec_obj(&su, p);
     let (st, grads) = run(&su.model, &su.lora, &su, &obj, false);
     let (z0, p0) = outputs(&su.model, &su.lora, &su);
@@ -1037,3 +1064,5 @@ fn full_ilrec_objective_tiny_llama() {
 fn full_ilrec_objective_tiny_qwen2() {
     full_objective("tiny-qwen2", IlrecParams { alpha: 0.9, beta: 0.5, lambda: 0.5, mu: 0.5, neg_weight: NegWeight::Logit, cpd_direction: CpdDirection::Reverse });
 }
+
+
