@@ -2,6 +2,7 @@
 mod generate;
 mod info;
 mod probe;
+mod rec;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -25,6 +26,10 @@ enum Cmd {
     Generate(generate::Args),
     /// Measure the cost of intermediate-layer probe logits (ILRec's logit lens) per layer.
     Probe(probe::Args),
+    /// Fine-tune for recommendation (SFT or ILRec) per a TOML run config.
+    Train(rec::TrainArgs),
+    /// Evaluate a trained run: full-ranking Hit@K / NDCG@K by trie-constrained beam search.
+    Eval(rec::EvalArgs),
     /// Convert a GGUF file into an HF model directory (safetensors, config, tokenizer).
     ImportGguf {
         /// The .gguf file.
@@ -46,6 +51,8 @@ fn main() {
         Cmd::Info(a) => info::run(a),
         Cmd::Generate(a) => generate::run(a),
         Cmd::Probe(a) => probe::run(a),
+        Cmd::Train(a) => rec::train(a),
+        Cmd::Eval(a) => rec::eval(a),
         Cmd::ImportGguf { gguf, out_dir } => import_gguf(&gguf, &out_dir),
     };
     if let Err(e) = res {

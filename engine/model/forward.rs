@@ -123,25 +123,32 @@ impl Model {
         let mut normed = vec![0.0f32; n * h];
         let mut attn = vec![0.0f32; n * c.q_dim()];
         let shape = AttentionShape { batch: bsz, tq: t, past, cap, n_heads: c.num_heads, n_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
+        // Activation buffers, allocated once per call and reused by every block.
+        let mut q = vec![0.0f32; n * c.q_dim()];
+        let mut k = vec![0.0f32; n * c.kv_dim()];
+        let mut v = vec![0.0f32; n * c.kv_dim()];
+        let mut gate = vec![0.0f32; n * c.intermediate_size];
+        let mut up = vec![0.0f32; n * c.intermediate_size];
+        let mut proj = vec![0.0f32; n * h];
         for (l, blk) in self.blocks.iter().enumerate() {
             cpu::rms_norm(&mut normed, &x, &blk.input_norm, c.rms_norm_eps);
-            let mut q = blk.q.forward(&normed, n);
-            let mut k = blk.k.forward(&normed, n);
-            let v = blk.v.forward(&normed, n);
+            blk.q.forward_into(&normed, n, &mut q);
+            blk.k.forward_into(&normed, n, &mut k);
+            blk.v.forward_into(&normed, n, &mut v);
             cpu::rope_inplace(&mut q, c.num_heads, c.head_dim, &cos, &sin);
             cpu::rope_inplace(&mut k, c.num_kv_heads, c.head_dim, &cos, &sin);
             scatter_kv(&mut cache.k[l], &k, bsz, t, past, cap, c.num_kv_heads, c.head_dim);
             scatter_kv(&mut cache.v[l], &v, bsz, t, past, cap, c.num_kv_heads, c.head_dim);
             cpu::attention(&mut attn, &q, &cache.k[l], &cache.v[l], &cache.mask, shape);
-            let o = blk.o.forward(&attn, n);
-            cpu::add_inplace(&mut x, &o);
+            blk.o.forward_into(&attn, n, &mut proj);
+            cpu::add_inplace(&mut x, &proj);
 
             cpu::rms_norm(&mut normed, &x, &blk.post_norm, c.rms_norm_eps);
-            let mut gate = blk.gate.forward(&normed, n);
-            let up = blk.up.forward(&normed, n);
+            blk.gate.forward_into(&normed, n, &mut gate);
+            blk.up.forward_into(&normed, n, &mut up);
             cpu::silu_mul(&mut gate, &up);
-            let down = blk.down.forward(&gate, n);
-            cpu::add_inplace(&mut x, &down);
+            blk.down.forward_into(&gate, n, &mut proj);
+            cpu::add_inplace(&mut x, &proj);
 
             let block_no = l + 1;
             if opts.taps.contains(&block_no) {

@@ -35,11 +35,18 @@ impl Linear {
     /// `x` is `[rows, in_dim]`; returns `[rows, out_dim]`.
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let mut y = vec![0.0; rows * self.out_dim];
-        cpu::matmul_nt(&mut y, self.out_dim, x, self.in_dim, &self.w, self.in_dim, rows, self.out_dim, self.in_dim, false);
-        if let Some(b) = &self.b {
-            cpu::add_bias(&mut y, b);
-        }
+        self.forward_into(x, rows, &mut y);
         y
+    }
+
+    /// [`Linear::forward`] into a caller-owned buffer: `y[..rows * out_dim]` is overwritten
+    /// (reusing activation buffers avoids the page faults of fresh allocations).
+    pub fn forward_into(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        let y = &mut y[..rows * self.out_dim];
+        cpu::matmul_nt(y, self.out_dim, x, self.in_dim, &self.w, self.in_dim, rows, self.out_dim, self.in_dim, false);
+        if let Some(b) = &self.b {
+            cpu::add_bias(y, b);
+        }
     }
 
     fn nbytes(&self) -> usize {
@@ -165,5 +172,106 @@ impl Model {
     /// An empty KV cache for `batch` sequences.
     pub fn new_cache(&self, batch: usize, cap: usize) -> KvCache {
         KvCache::new(&self.config, batch, cap)
+    }
+}
+
+/// New vocabulary rows (item-code tokens of semantic IDs, docs/semantic_ids.md).
+impl Model {
+    /// Scale of the noise added to new token rows, relative to each dimension's standard
+    /// deviation over the existing rows.
+    pub const NEW_TOKEN_NOISE: f64 = 0.1;
+
+    /// Initial rows for `n` new tokens: per dimension `d`, the mean of the existing rows plus
+    /// seeded noise `N(0, (NEW_TOKEN_NOISE * std_d)^2)`, `std_d` the standard deviation of
+    /// column `d` over the existing rows (population, computed in f64). The embedding rows
+    /// come from the embedding's statistics and, when the head is untied, the head rows from
+    /// the head's (second return value; `None` when tied). A mean row gives a new token the
+    /// average token's logit, so the pretrained distribution barely moves; the noise makes
+    /// the new tokens distinguishable from the first step.
+    pub fn new_token_rows(&self, n: usize, seed: u64) -> (Vec<f32>, Option<Vec<f32>>) {
+        let h = self.config.hidden_size;
+        let mut rng = crate::rng::Rng::new(seed);
+        let embed = Self::mean_plus_noise_rows(&self.embed, h, n, &mut rng);
+        let head = self.lm_head.as_ref().map(|l| Self::mean_plus_noise_rows(&l.w, h, n, &mut rng));
+        (embed, head)
+    }
+
+    fn mean_plus_noise_rows(w: &[f32], h: usize, n: usize, rng: &mut crate::rng::Rng) -> Vec<f32> {
+        let rows = (w.len() / h.max(1)).max(1);
+        let (mut mean, mut sq) = (vec![0.0f64; h], vec![0.0f64; h]);
+        for row in w.chunks_exact(h) {
+            for d in 0..h {
+                mean[d] += row[d] as f64;
+                sq[d] += row[d] as f64 * row[d] as f64;
+            }
+        }
+        let std: Vec<f64> = (0..h)
+            .map(|d| {
+                mean[d] /= rows as f64;
+                (sq[d] / rows as f64 - mean[d] * mean[d]).max(0.0).sqrt()
+            })
+            .collect();
+        let mut out = Vec::with_capacity(n * h);
+        for _ in 0..n {
+            for d in 0..h {
+                out.push((mean[d] + Self::NEW_TOKEN_NOISE * std[d] * rng.normal() as f64) as f32);
+            }
+        }
+        out
+    }
+
+    /// Appends `embed_rows.len() / hidden` tokens to the vocabulary with these embedding rows
+    /// (`[n, hidden]`) and, for an untied head, `head_rows` (`None`: the embedding rows are
+    /// copied). Returns the new token ids; `config.vocab_size` grows by `n`.
+    pub fn add_tokens(&mut self, embed_rows: &[f32], head_rows: Option<&[f32]>) -> Result<std::ops::Range<u32>> {
+        let first = self.config.vocab_size as u32;
+        self.write_token_rows(first, embed_rows, head_rows)
+    }
+
+    /// Writes the rows of tokens `first..first + n` (`n = embed_rows.len() / hidden`),
+    /// overwriting existing rows and appending beyond the vocabulary (which then grows);
+    /// `first` must not exceed the vocabulary size. `head_rows` as in [`Model::add_tokens`]
+    /// (an error when the head is tied). Returns the token ids written.
+    pub fn write_token_rows(&mut self, first: u32, embed_rows: &[f32], head_rows: Option<&[f32]>) -> Result<std::ops::Range<u32>> {
+        let h = self.config.hidden_size;
+        let v = self.config.vocab_size;
+        if embed_rows.is_empty() || !embed_rows.len().is_multiple_of(h) {
+            return Err(Error::Input(format!("new token rows: {} values are not a positive multiple of hidden size {h}", embed_rows.len())));
+        }
+        let n = embed_rows.len() / h;
+        if first as usize > v {
+            return Err(Error::Input(format!("new token rows start at id {first}, beyond the vocabulary ({v} tokens)")));
+        }
+        let end = first as usize + n;
+        if end > u32::MAX as usize {
+            return Err(Error::Input(format!("new token rows: vocabulary of {end} tokens exceeds u32 ids")));
+        }
+        match (&self.lm_head, head_rows) {
+            (None, Some(_)) => return Err(Error::Input("new token rows: head rows given but the LM head is tied to the embedding".into())),
+            (_, Some(r)) if r.len() != embed_rows.len() => {
+                return Err(Error::Input(format!("new token rows: {} head values for {} embedding values", r.len(), embed_rows.len())));
+            }
+            _ => {}
+        }
+        for (what, rows) in [("embedding", Some(embed_rows)), ("LM-head", head_rows)] {
+            if let Some(pos) = rows.and_then(|r| r.iter().position(|x| !x.is_finite())) {
+                return Err(Error::NonFinite(format!("new {what} row {} (token {}), dimension {}", pos / h, first as usize + pos / h, pos % h)));
+            }
+        }
+        let new_v = v.max(end);
+        let write = |w: &mut Vec<f32>, rows: &[f32]| {
+            w.resize(new_v * h, 0.0);
+            w[first as usize * h..end * h].copy_from_slice(rows);
+        };
+        write(&mut self.embed, embed_rows);
+        if let Some(head) = &mut self.lm_head {
+            write(&mut head.w, head_rows.unwrap_or(embed_rows));
+            if let Some(b) = &mut head.b {
+                b.resize(new_v, 0.0);
+            }
+            head.out_dim = new_v;
+        }
+        self.config.vocab_size = new_v;
+        Ok(first..end as u32)
     }
 }

@@ -3,6 +3,7 @@
 pub mod beam;
 pub mod data;
 pub mod metrics;
+pub mod pipeline;
 pub mod prompt;
 pub mod semantic_id;
 pub mod trie;

@@ -437,7 +437,7 @@ pub struct KMeans {
 }
 
 fn check_points(x: &[f32], dim: usize) -> Result<usize> {
-    if dim == 0 || x.is_empty() || x.len() % dim != 0 {
+    if dim == 0 || x.is_empty() || !x.len().is_multiple_of(dim) {
         return Err(Error::Input(format!("k-means: {} values are not a positive multiple of dimension {dim}", x.len())));
     }
     if let Some(p) = x.iter().position(|v| !v.is_finite()) {

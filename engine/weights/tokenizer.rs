@@ -88,3 +88,51 @@ impl TextTokenizer {
         env.get_template("chat").and_then(|t| t.render(ctx)).map_err(bad)
     }
 }
+
+/// Added vocabulary (item-code tokens of semantic IDs, docs/semantic_ids.md).
+impl TextTokenizer {
+    /// One past the largest token id (base vocabulary and added tokens).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab(true).values().max().map_or(0, |&m| m as usize + 1)
+    }
+
+    /// Adds `tokens` as special added tokens (matched literally in any text, before
+    /// normalisation and pre-tokenisation; `decode(.., keep_special = false)` drops them).
+    /// Their ids are `vocab_size()..vocab_size() + n` in the given order: checked, as is that
+    /// each encodes to its single id. Rejects empty, repeated or already known tokens. On
+    /// error the tokenizer is unchanged.
+    pub fn add_tokens(&mut self, tokens: &[String]) -> Result<Vec<u32>> {
+        let err = |msg: String| Error::Tokenizer { path: self.path.clone(), msg };
+        let mut seen = std::collections::HashSet::new();
+        for t in tokens {
+            if t.is_empty() {
+                return Err(err("cannot add an empty token".into()));
+            }
+            if !seen.insert(t.as_str()) {
+                return Err(err(format!("token {t:?} is listed twice among the tokens to add")));
+            }
+            if let Some(id) = self.inner.token_to_id(t) {
+                return Err(err(format!("token {t:?} to add is already in the vocabulary (id {id})")));
+            }
+        }
+        let first = self.vocab_size() as u32;
+        let mut inner = self.inner.clone();
+        inner
+            .add_special_tokens(tokens.iter().map(|t| tokenizers::AddedToken::from(t.clone(), true)))
+            .map_err(|e| err(e.to_string()))?;
+        let mut ids = Vec::with_capacity(tokens.len());
+        for (i, t) in tokens.iter().enumerate() {
+            let want = first + i as u32;
+            match inner.token_to_id(t) {
+                Some(id) if id == want => ids.push(id),
+                got => return Err(err(format!("added token {t:?} got id {got:?}, expected {want} (ids must follow the vocabulary contiguously)"))),
+            }
+            let enc = inner.encode(t.as_str(), false).map_err(|e| err(e.to_string()))?;
+            if enc.get_ids() != [want] {
+                return Err(err(format!("added token {t:?} encodes to {:?}, not to its single id {want}", enc.get_ids())));
+            }
+        }
+        self.inner = inner;
+        Ok(ids)
+    }
+}

@@ -1,6 +1,8 @@
 //! Causal grouped-query attention over a key/value cache with a key padding mask.
-use super::matmul::{matmul_nn, matmul_nt};
+use super::matmul::{matmul_nn_serial, matmul_nt_serial};
+use super::vexp::exp_shift_sum;
 use rayon::prelude::*;
+use std::cell::RefCell;
 
 /// Sizes of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -44,48 +46,90 @@ pub fn attention(
     let group = n_heads / n_kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
 
-    let heads: Vec<Vec<f32>> = (0..batch * n_heads)
-        .into_par_iter()
-        .map(|bh| {
-            let (b, h) = (bh / n_heads, bh % n_heads);
-            let kv = (b * n_kv_heads + h / group) * cap * d;
-            let kb = &k[kv..kv + tk * d];
-            let vb = &v[kv..kv + tk * d];
-            let qb = &q[b * tq * width + h * d..];
-            let mask = &key_mask[b * cap..b * cap + tk];
-            let mut p = vec![0.0f32; tq * tk];
-            matmul_nt(&mut p, tk, qb, width, kb, d, tq, tk, d, false);
-            for (i, row) in p.chunks_mut(tk).enumerate() {
-                let visible = past + i + 1;
-                let mut max = f32::NEG_INFINITY;
-                for j in 0..visible {
-                    if mask[j] {
-                        max = max.max(row[j] * scale);
-                    }
-                }
-                if max == f32::NEG_INFINITY {
-                    row.fill(0.0);
-                    continue;
-                }
-                let mut sum = 0.0;
-                for j in 0..tk {
-                    let e = if j < visible && mask[j] { (row[j] * scale - max).exp() } else { 0.0 };
-                    row[j] = e;
-                    sum += e;
-                }
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|x| *x *= inv);
-            }
-            let mut o = vec![0.0f32; tq * d];
-            matmul_nn(&mut o, d, &p, tk, vb, d, tq, d, tk, false);
-            o
-        })
-        .collect();
-    for (bh, o) in heads.iter().enumerate() {
-        let (b, h) = (bh / n_heads, bh % n_heads);
-        for i in 0..tq {
-            let dst = (b * tq + i) * width + h * d;
-            out[dst..dst + d].copy_from_slice(&o[i * d..(i + 1) * d]);
+    if tq == 0 || batch == 0 {
+        return;
+    }
+    // One task per (sequence, block of query rows): its rows of `out` are contiguous, and it
+    // needs keys `0..past + last row + 1` only (the causal upper triangle beyond is skipped).
+    // Inside, the `group` query heads that share a KV head are stacked into one product.
+    let blk = ROWS_PER_TASK.min(tq);
+    let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(batch * tq.div_ceil(blk));
+    for (b, ob) in out.chunks_mut(tq * width).enumerate() {
+        for (ib, o) in ob.chunks_mut(blk * width).enumerate() {
+            tasks.push((b, ib * blk, o));
         }
     }
+    let run = |(b, i0, o): (usize, usize, &mut [f32])| {
+        let r = o.len() / width;
+        let tkb = past + i0 + r;
+        let gr = group * r;
+        let mask = &key_mask[b * cap..b * cap + tkb];
+        SCRATCH.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            let need = 2 * gr * d + gr * tkb;
+            if buf.len() < need {
+                buf.resize(need, 0.0);
+            }
+            let (qs, rest) = buf.split_at_mut(gr * d);
+            let (os, rest) = rest.split_at_mut(gr * d);
+            let p = &mut rest[..gr * tkb];
+            for g in 0..n_kv_heads {
+                let kv = (b * n_kv_heads + g) * cap * d;
+                let kb = &k[kv..kv + tkb * d];
+                let vb = &v[kv..kv + tkb * d];
+                for hh in 0..group {
+                    let h = g * group + hh;
+                    for i in 0..r {
+                        let src = (b * tq + i0 + i) * width + h * d;
+                        qs[(hh * r + i) * d..(hh * r + i + 1) * d].copy_from_slice(&q[src..src + d]);
+                    }
+                }
+                matmul_nt_serial(p, tkb, qs, d, kb, d, gr, tkb, d, false);
+                for (rr, row) in p.chunks_mut(tkb).enumerate() {
+                    softmax_row(row, past + i0 + rr % r + 1, mask, scale);
+                }
+                matmul_nn_serial(os, d, p, tkb, vb, d, gr, d, tkb, false);
+                for hh in 0..group {
+                    let h = g * group + hh;
+                    for i in 0..r {
+                        o[i * width + h * d..i * width + (h + 1) * d].copy_from_slice(&os[(hh * r + i) * d..(hh * r + i + 1) * d]);
+                    }
+                }
+            }
+        });
+    };
+    if tasks.len() == 1 {
+        tasks.into_iter().for_each(run);
+    } else {
+        tasks.into_par_iter().with_max_len(1).for_each(run);
+    }
+}
+
+/// Query rows per attention task.
+const ROWS_PER_TASK: usize = 32;
+
+thread_local! {
+    /// Per-thread scores and head-group buffers, reused across calls (no page faults). Only
+    /// borrowed by code that does not re-enter rayon, so a task never finds it borrowed.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Softmax of `row[..visible] * scale` over the keys `mask` allows; zeros elsewhere, and a
+/// row of zeros when no key is visible (a left-padding query).
+fn softmax_row(row: &mut [f32], visible: usize, mask: &[bool], scale: f32) {
+    let (live, dead) = row.split_at_mut(visible);
+    dead.fill(0.0);
+    let mut max = f32::NEG_INFINITY;
+    for (x, &m) in live.iter_mut().zip(mask) {
+        *x = if m { *x * scale } else { f32::NEG_INFINITY };
+        max = max.max(*x);
+    }
+    if max == f32::NEG_INFINITY {
+        live.fill(0.0);
+        return;
+    }
+    // exp(-inf - max) = 0 for the masked keys.
+    let sum = exp_shift_sum(live, max);
+    let inv = 1.0 / sum;
+    live.iter_mut().for_each(|x| *x *= inv);
 }

@@ -2,8 +2,8 @@
 //! row dotted with every row of `x` while it is in L1. Memory-bound by design (decode steps).
 use rayon::prelude::*;
 
-/// Output columns (rows of `W`) per rayon task.
-const COLS_PER_TASK: usize = 64;
+/// Most output columns (rows of `W`) per rayon task.
+const COLS_PER_TASK: usize = 256;
 
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -82,12 +82,20 @@ pub fn matmul_nt_few_rows(
     assert!(m == 0 || (m - 1) * x_rs + k <= x.len(), "gemv: x too small");
     assert!(n == 0 || (n - 1) * w_rs + k <= w.len(), "gemv: w too small");
     assert!(m == 0 || (m - 1) * y_rs + n <= y.len(), "gemv: y too small");
+    // Columns per task: about 4 tasks per thread (load balance for the narrow k/v heads),
+    // a multiple of 16, at most COLS_PER_TASK.
+    let per = n.div_ceil(4 * rayon::current_num_threads()).next_multiple_of(16).clamp(16, COLS_PER_TASK);
+    if m == 1 && !accumulate {
+        // One output row: tasks write disjoint chunks of it directly (no tiles to allocate).
+        y[..n].par_chunks_mut(per).enumerate().for_each(|(t, out)| block_dispatch(out, t * per, x, x_rs, w, w_rs, 1, k));
+        return;
+    }
     // Each task fills a [m, cols] tile; tiles are then written into y (keeps tasks disjoint).
-    let tiles: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(COLS_PER_TASK))
+    let tiles: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(per))
         .into_par_iter()
         .map(|t| {
-            let j0 = t * COLS_PER_TASK;
-            let cols = COLS_PER_TASK.min(n - j0);
+            let j0 = t * per;
+            let cols = per.min(n - j0);
             let mut out = vec![0.0f32; m * cols];
             block_dispatch(&mut out, j0, x, x_rs, w, w_rs, m, k);
             (j0, out)

@@ -8,8 +8,8 @@ use gemm::Parallelism;
 
 const PARALLEL_MIN_WORK: usize = 1 << 16;
 
-fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
-    if m * n * k < PARALLEL_MIN_WORK || rayon::current_num_threads() == 1 {
+fn parallelism(m: usize, n: usize, k: usize, serial: bool) -> Parallelism {
+    if serial || m * n * k < PARALLEL_MIN_WORK || rayon::current_num_threads() == 1 {
         Parallelism::None
     } else {
         Parallelism::Rayon(0)
@@ -49,6 +49,7 @@ fn gemm_strided(
     lhs: View,
     rhs: View,
     accumulate: bool,
+    serial: bool,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -86,7 +87,7 @@ fn gemm_strided(
             false,
             false,
             false,
-            parallelism(m, n, k),
+            parallelism(m, n, k, serial),
         )
     }
 }
@@ -111,7 +112,7 @@ pub fn matmul_nt(
     }
     let lhs = View { data: x, rs: x_rs, cs: 1 };
     let rhs = View { data: w, rs: 1, cs: w_rs };
-    gemm_strided(m, n, k, y, y_rs, lhs, rhs, accumulate);
+    gemm_strided(m, n, k, y, y_rs, lhs, rhs, accumulate, false);
 }
 
 /// Up to this many rows, `matmul_nt` streams the weight once with dot products (decode steps
@@ -134,7 +135,7 @@ pub fn matmul_nn(
 ) {
     let lhs = View { data: x, rs: x_rs, cs: 1 };
     let rhs = View { data: w, rs: w_rs, cs: 1 };
-    gemm_strided(m, n, k, y, y_rs, lhs, rhs, accumulate);
+    gemm_strided(m, n, k, y, y_rs, lhs, rhs, accumulate, false);
 }
 
 /// `y[m, n] (+)= x[k, m]^T · w[k, n]` (weight gradients: `dW = dY^T X`).
@@ -153,7 +154,24 @@ pub fn matmul_tn(
 ) {
     let lhs = View { data: x, rs: 1, cs: x_rs };
     let rhs = View { data: w, rs: w_rs, cs: 1 };
-    gemm_strided(m, n, k, y, y_rs, lhs, rhs, accumulate);
+    gemm_strided(m, n, k, y, y_rs, lhs, rhs, accumulate, false);
+}
+
+/// [`matmul_nt`] on the calling thread only (for callers that are already inside a parallel
+/// loop: no nested fork/join, and thread-local scratch stays safe).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_nt_serial(y: &mut [f32], y_rs: usize, x: &[f32], x_rs: usize, w: &[f32], w_rs: usize, m: usize, n: usize, k: usize, accumulate: bool) {
+    let lhs = View { data: x, rs: x_rs, cs: 1 };
+    let rhs = View { data: w, rs: 1, cs: w_rs };
+    gemm_strided(m, n, k, y, y_rs, lhs, rhs, accumulate, true);
+}
+
+/// [`matmul_nn`] on the calling thread only.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_nn_serial(y: &mut [f32], y_rs: usize, x: &[f32], x_rs: usize, w: &[f32], w_rs: usize, m: usize, n: usize, k: usize, accumulate: bool) {
+    let lhs = View { data: x, rs: x_rs, cs: 1 };
+    let rhs = View { data: w, rs: w_rs, cs: 1 };
+    gemm_strided(m, n, k, y, y_rs, lhs, rhs, accumulate, true);
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ mod backward;
 mod elementwise;
 mod gemv;
 mod matmul;
+mod vexp;
 
 pub use attention::{attention, AttentionShape};
 pub use backward::{attention_backward, rms_norm_backward, silu_mul_backward};
