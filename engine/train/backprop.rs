@@ -99,7 +99,7 @@ struct Ctx<'a> {
     dropout: f32,
 }
 
-fn pair<'a>(lora: &'a Lora, block: usize, t: Target) -> Option<&'a LoraPair> {
+fn pair(lora: &Lora, block: usize, t: Target) -> Option<&LoraPair> {
     lora.blocks.get(block).and_then(|s| s[t.index()].as_ref())
 }
 

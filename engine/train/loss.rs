@@ -212,7 +212,10 @@ pub fn ilrec_loss(rows: &LossRows<'_>, p: &IlrecParams, norm: f64) -> Result<(Lo
     if let Some((l, pl)) = probe_logits.iter().enumerate().find(|(_, pl)| pl.len() != n * s) {
         return Err(Error::Input(format!("ILRec loss: probe logits of layer index {l} hold {} values, expected {n} x {s}", pl.len())));
     }
-    if !(p.alpha > 0.0) || !(p.beta >= 0.0) || !(p.lambda >= 0.0) || !(p.mu >= 0.0) {
+    // Written as negations so that NaN fails every check.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    let bad = !(p.alpha > 0.0) || !(p.beta >= 0.0) || !(p.lambda >= 0.0) || !(p.mu >= 0.0);
+    if bad {
         return Err(Error::Input(format!("ILRec loss: need alpha > 0 and beta, lambda, mu >= 0; got {p:?}")));
     }
     let rewards = match rewards {

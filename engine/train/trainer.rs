@@ -105,6 +105,8 @@ impl TrainConfig {
         Ok(LoraConfig { rank: self.lora_rank, alpha: self.lora_alpha, dropout: self.lora_dropout, targets })
     }
 
+    // Written as negations so that NaN fails every check.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     fn validate(&self) -> Result<()> {
         if self.micro_batch == 0 || self.grad_accum == 0 || !(self.epochs > 0.0) || !(0.0..=1.0).contains(&self.warmup_ratio) || !(self.max_grad_norm > 0.0) {
             return Err(Error::Input(format!(
@@ -323,7 +325,7 @@ impl Trainer {
         let h = if self.trainable_tokens.is_empty() { 0 } else { self.embed_rows.len() / self.trainable_tokens.len() };
         let mut trainable: Vec<NamedTensor> = self.lora.named().into_iter().map(|(n, s, d)| (n, s, d.to_vec())).collect();
         trainable.push((EMBED_ROWS.into(), vec![self.trainable_tokens.len(), h], self.embed_rows.clone()));
-        trainable.push((HEAD_ROWS.into(), vec![if h == 0 { 0 } else { self.head_rows.len() / h }, h], self.head_rows.clone()));
+        trainable.push((HEAD_ROWS.into(), vec![self.head_rows.len().checked_div(h).unwrap_or(0), h], self.head_rows.clone()));
         let ck = Checkpoint {
             step: self.step,
             micro_step: self.micro_step,

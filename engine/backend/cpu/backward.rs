@@ -8,7 +8,7 @@ use rayon::prelude::*;
 /// `dx += r g - x r^3 / H * Σ(g x)`.
 pub fn rms_norm_backward(dx: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], eps: f32) {
     let h = w.len();
-    assert!(dx.len() == x.len() && dy.len() == x.len() && x.len() % h == 0, "rms_norm_backward: shapes");
+    assert!(dx.len() == x.len() && dy.len() == x.len() && x.len().is_multiple_of(h), "rms_norm_backward: shapes");
     dx.par_chunks_mut(h).zip(dy.par_chunks(h)).zip(x.par_chunks(h)).with_min_len(16).for_each(|((dxr, dyr), xr)| {
         let ms = xr.iter().map(|v| v * v).sum::<f32>() / h as f32;
         let r = 1.0 / (ms + eps).sqrt();
