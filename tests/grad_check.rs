@@ -616,15 +616,7 @@ fn merged(model: &Model, lora: &Lora) -> Model {
     for (l, blk) in m.blocks.iter_mut().enumerate() {
         for t in Target::ALL {
             let Some(p) = &lora.blocks[l][t.index()] else { continue };
-            let lin = match t {
-                Target::Q => &mut blk.q,
-                Target::K => &mut blk.k,
-                Target::V => &mut blk.v,
-                Target::O => &mut blk.o,
-                Target::Gate => &mut blk.gate,
-                Target::Up => &mut blk.up,
-                Target::Down => &mut blk.down,
-            };
+            let lin = t.linear_mut(blk);
             for o in 0..p.out_dim {
                 for i in 0..p.in_dim {
                     let acc: f64 = (0..r).map(|j| p.b[o * r + j] as f64 * p.a[j * p.in_dim + i] as f64).sum();

@@ -161,28 +161,16 @@ fn lin_bwd(ctx: &Ctx, block: usize, t: Target, base: &Linear, x: &[f32], tape: &
     }
 }
 
-/// `[n, heads*d]` rows <-> `[batch, heads, t, d]` (the attention kernels' K/V layout).
-fn to_heads(src: &[f32], bsz: usize, t: usize, heads: usize, d: usize) -> Vec<f32> {
+/// `[n, heads*d]` rows <-> `[batch, heads, t, d]` (the attention kernels' K/V layout);
+/// `to_heads` picks the direction.
+fn permute_heads(src: &[f32], bsz: usize, t: usize, heads: usize, d: usize, to_heads: bool) -> Vec<f32> {
     let mut dst = vec![0.0f32; src.len()];
     for b in 0..bsz {
         for i in 0..t {
             for h in 0..heads {
-                let s = ((b * t + i) * heads + h) * d;
-                let o = ((b * heads + h) * t + i) * d;
-                dst[o..o + d].copy_from_slice(&src[s..s + d]);
-            }
-        }
-    }
-    dst
-}
-
-fn from_heads(src: &[f32], bsz: usize, t: usize, heads: usize, d: usize) -> Vec<f32> {
-    let mut dst = vec![0.0f32; src.len()];
-    for b in 0..bsz {
-        for i in 0..t {
-            for h in 0..heads {
-                let s = ((b * heads + h) * t + i) * d;
-                let o = ((b * t + i) * heads + h) * d;
+                let rows = ((b * t + i) * heads + h) * d;
+                let hmaj = ((b * heads + h) * t + i) * d;
+                let (s, o) = if to_heads { (rows, hmaj) } else { (hmaj, rows) };
                 dst[o..o + d].copy_from_slice(&src[s..s + d]);
             }
         }
@@ -291,8 +279,8 @@ pub fn forward_backward(
         let (v, tv) = lin_fwd(&ctx, l, Target::V, &blk.v, &tp.h1, n, rng);
         cpu::rope_inplace(&mut q, c.num_heads, c.head_dim, &cos, &sin);
         cpu::rope_inplace(&mut k, c.num_kv_heads, c.head_dim, &cos, &sin);
-        tp.k = to_heads(&k, bsz, t, c.num_kv_heads, c.head_dim);
-        tp.v = to_heads(&v, bsz, t, c.num_kv_heads, c.head_dim);
+        tp.k = permute_heads(&k, bsz, t, c.num_kv_heads, c.head_dim, true);
+        tp.v = permute_heads(&v, bsz, t, c.num_kv_heads, c.head_dim, true);
         tp.attn = vec![0.0; n * c.q_dim()];
         cpu::attention(&mut tp.attn, &q, &tp.k, &tp.v, &batch.mask, shape);
         tp.q = q;
@@ -408,8 +396,8 @@ pub fn forward_backward(
         let mut dk_h = vec![0.0f32; tp.k.len()];
         let mut dv_h = vec![0.0f32; tp.v.len()];
         cpu::attention_backward(&mut dq, &mut dk_h, &mut dv_h, &d_attn, &tp.q, &tp.k, &tp.v, &batch.mask, shape);
-        let mut dk = from_heads(&dk_h, bsz, t, c.num_kv_heads, c.head_dim);
-        let dv = from_heads(&dv_h, bsz, t, c.num_kv_heads, c.head_dim);
+        let mut dk = permute_heads(&dk_h, bsz, t, c.num_kv_heads, c.head_dim, false);
+        let dv = permute_heads(&dv_h, bsz, t, c.num_kv_heads, c.head_dim, false);
         // RoPE is a rotation: its backward rotates by the opposite angle.
         cpu::rope_inplace(&mut dq, c.num_heads, c.head_dim, &cos, &neg_sin);
         cpu::rope_inplace(&mut dk, c.num_kv_heads, c.head_dim, &cos, &neg_sin);

@@ -53,6 +53,19 @@ impl Target {
         self as usize
     }
 
+    /// The base linear this target adapts, mutably (merging).
+    pub fn linear_mut(self, b: &mut Block) -> &mut Linear {
+        match self {
+            Target::Q => &mut b.q,
+            Target::K => &mut b.k,
+            Target::V => &mut b.v,
+            Target::O => &mut b.o,
+            Target::Gate => &mut b.gate,
+            Target::Up => &mut b.up,
+            Target::Down => &mut b.down,
+        }
+    }
+
     /// The base linear this target adapts.
     pub fn linear(self, b: &Block) -> &Linear {
         match self {
@@ -287,15 +300,7 @@ impl Lora {
         for (slots, blk) in self.blocks.iter().zip(model.blocks.iter_mut()) {
             for t in Target::ALL {
                 let Some(p) = &slots[t.index()] else { continue };
-                let lin = match t {
-                    Target::Q => &mut blk.q,
-                    Target::K => &mut blk.k,
-                    Target::V => &mut blk.v,
-                    Target::O => &mut blk.o,
-                    Target::Gate => &mut blk.gate,
-                    Target::Up => &mut blk.up,
-                    Target::Down => &mut blk.down,
-                };
+                let lin = t.linear_mut(blk);
                 if lin.in_dim != p.in_dim || lin.out_dim != p.out_dim {
                     return Err(Error::Input(format!("adapter for {} is {}x{}, the layer {}x{}", t.name(), p.out_dim, p.in_dim, lin.out_dim, lin.in_dim)));
                 }
