@@ -87,3 +87,48 @@ fn peft_loads_engine_written_adapter() {
     let e = rel_err(&ours, &theirs, |i| mask[i / v]);
     assert!(e <= 1e-4, "PEFT with the engine-written adapter vs the engine: rel err {e:.2e}");
 }
+
+/// Inconsistent adapter configs and tensors are typed errors naming the file and field/tensor.
+#[test]
+fn bad_adapters_are_typed_errors() {
+    use ilrec::Error;
+    let name = "tiny-llama";
+    let model = Model::load(&fixture(name)).unwrap();
+    let src = fixture(&format!("lora/{name}-adapter"));
+    let copy = || {
+        let tmp = tempfile::tempdir().unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+        }
+        tmp
+    };
+    let edit_cfg = |dir: &std::path::Path, f: &dyn Fn(&mut serde_json::Value)| {
+        let p = dir.join("adapter_config.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        f(&mut v);
+        std::fs::write(&p, serde_json::to_string(&v).unwrap()).unwrap();
+    };
+    // DoRA, a rank that disagrees with the tensors, an unknown target, a non-LoRA type.
+    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+        ("use_dora", Box::new(|v| v["use_dora"] = true.into())),
+        ("lora_B.weight", Box::new(|v| v["r"] = 8.into())),
+        ("target_modules", Box::new(|v| v["target_modules"] = serde_json::json!(["q_proj", "lm_head"]))),
+        ("peft_type", Box::new(|v| v["peft_type"] = "IA3".into())),
+    ];
+    for (what, f) in cases {
+        let tmp = copy();
+        edit_cfg(tmp.path(), &*f);
+        let e = Lora::load_peft(tmp.path(), &model).unwrap_err();
+        assert!(matches!(e, Error::InvalidField { .. } | Error::ShapeMismatch { .. }), "{what}: {e}");
+        assert!(e.to_string().contains(what) || e.to_string().contains("lora_A.weight"), "{what}: {e}");
+        assert!(e.to_string().contains(&tmp.path().display().to_string()), "{what}: error does not name the file: {e}");
+    }
+    // An adapter trained for another model: tiny-qwen2's adapter on tiny-llama.
+    let e = Lora::load_peft(&fixture("lora/tiny-qwen2-adapter"), &model).unwrap_err();
+    assert!(matches!(e, Error::ShapeMismatch { .. } | Error::InvalidField { .. }), "{e}");
+    // A missing adapter file.
+    let tmp = copy();
+    std::fs::remove_file(tmp.path().join("adapter_model.safetensors")).unwrap();
+    let e = Lora::load_peft(tmp.path(), &model).unwrap_err();
+    assert!(matches!(e, Error::Io { .. }), "{e}");
+}
