@@ -109,7 +109,8 @@ fn bad_adapters_are_typed_errors() {
         std::fs::write(&p, serde_json::to_string(&v).unwrap()).unwrap();
     };
     // DoRA, a rank that disagrees with the tensors, an unknown target, a non-LoRA type.
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit)> = vec![
         ("use_dora", Box::new(|v| v["use_dora"] = true.into())),
         ("lora_B.weight", Box::new(|v| v["r"] = 8.into())),
         ("target_modules", Box::new(|v| v["target_modules"] = serde_json::json!(["q_proj", "lm_head"]))),
