@@ -139,3 +139,19 @@ fn check_len(shape: &[usize], len: usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// Per-column mean and population variance of a row-major `[rows, dim]` matrix, accumulated in
+/// f64 (new-token initialisation, embedding standardisation).
+pub(crate) fn column_moments(x: &[f32], dim: usize) -> (Vec<f64>, Vec<f64>) {
+    let rows = (x.len() / dim.max(1)).max(1) as f64;
+    let (mut mean, mut sq) = (vec![0.0f64; dim], vec![0.0f64; dim]);
+    for row in x.chunks_exact(dim.max(1)) {
+        for d in 0..dim {
+            mean[d] += row[d] as f64;
+            sq[d] += row[d] as f64 * row[d] as f64;
+        }
+    }
+    mean.iter_mut().for_each(|m| *m /= rows);
+    let var = (0..dim).map(|d| (sq[d] / rows - mean[d] * mean[d]).max(0.0)).collect();
+    (mean, var)
+}

@@ -197,20 +197,8 @@ impl Model {
     }
 
     fn mean_plus_noise_rows(w: &[f32], h: usize, n: usize, rng: &mut crate::rng::Rng) -> Vec<f32> {
-        let rows = (w.len() / h.max(1)).max(1);
-        let (mut mean, mut sq) = (vec![0.0f64; h], vec![0.0f64; h]);
-        for row in w.chunks_exact(h) {
-            for d in 0..h {
-                mean[d] += row[d] as f64;
-                sq[d] += row[d] as f64 * row[d] as f64;
-            }
-        }
-        let std: Vec<f64> = (0..h)
-            .map(|d| {
-                mean[d] /= rows as f64;
-                (sq[d] / rows as f64 - mean[d] * mean[d]).max(0.0).sqrt()
-            })
-            .collect();
+        let (mean, var) = crate::tensor::column_moments(w, h);
+        let std: Vec<f64> = var.iter().map(|v| v.sqrt()).collect();
         let mut out = Vec::with_capacity(n * h);
         for _ in 0..n {
             for d in 0..h {

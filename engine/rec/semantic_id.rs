@@ -363,7 +363,6 @@ pub fn normalize(x: &mut [f32], dim: usize, mode: Normalization) {
     if dim == 0 || x.is_empty() {
         return;
     }
-    let n = x.len() / dim;
     match mode {
         Normalization::None => {}
         Normalization::L2 => {
@@ -375,17 +374,10 @@ pub fn normalize(x: &mut [f32], dim: usize, mode: Normalization) {
             }
         }
         Normalization::Standardize => {
-            let (mut mean, mut sq) = (vec![0.0f64; dim], vec![0.0f64; dim]);
-            for row in x.chunks_exact(dim) {
-                for d in 0..dim {
-                    mean[d] += row[d] as f64;
-                    sq[d] += row[d] as f64 * row[d] as f64;
-                }
-            }
+            let (mean, vars) = crate::tensor::column_moments(x, dim);
             let scale: Vec<f64> = (0..dim)
                 .map(|d| {
-                    mean[d] /= n as f64;
-                    let var = (sq[d] / n as f64 - mean[d] * mean[d]).max(0.0);
+                    let var = vars[d];
                     if var > 1e-24 * (1.0 + mean[d] * mean[d]) {
                         1.0 / var.sqrt()
                     } else {
