@@ -24,7 +24,7 @@ use ilrec::backend::cpu::{self, AttentionShape};
 use ilrec::rng::Rng;
 use ilrec::train::backprop::{forward_backward, Grads, Objective, TrainBatch};
 use ilrec::train::lora::{Lora, LoraConfig, Target};
-use ilrec::train::loss::{ilrec_loss, sft_loss, CpdDirection, IlrecParams, LossRows, LossStats, NegWeight};
+use ilrec::train::loss::{ilrec_loss, sft_loss, CpdDirection, IlrecParams, LossRows, LossStats, NegSource, NegWeight};
 use ilrec::{Batch, ForwardOptions, LogitsMode, Model, ProbeSpec};
 
 // ---------------------------------------------------------------------------------------------
@@ -387,7 +387,7 @@ fn loss_case() -> LossCase {
 }
 
 fn params(beta: f32, lambda: f32, mu: f32, nw: NegWeight, dir: CpdDirection) -> IlrecParams {
-    IlrecParams { alpha: 0.7, beta, lambda, mu, neg_weight: nw, cpd_direction: dir }
+    IlrecParams { alpha: 0.7, beta, lambda, mu, neg_weight: nw, cpd_direction: dir, ..Default::default() }
 }
 
 fn run_loss(c: &LossCase, z: &[f32], probes: &[Vec<f32>], p: &IlrecParams) -> (LossStats, Vec<f32>, Vec<Vec<f32>>) {
@@ -891,7 +891,7 @@ fn forward_backward_sft_lora_tiny_qwen2() {
     sft_lora("tiny-qwen2");
 }
 
-const DIRECT: IlrecParams = IlrecParams { alpha: 1.0, beta: 2.0, lambda: 0.0, mu: 0.5, neg_weight: NegWeight::Prob, cpd_direction: CpdDirection::Forward };
+const DIRECT: IlrecParams = IlrecParams { alpha: 1.0, beta: 2.0, lambda: 0.0, mu: 0.5, neg_weight: NegWeight::Prob, cpd_direction: CpdDirection::Forward, negatives: NegSource::Intermediate };
 
 fn ilrec_lora(name: &str) {
     let mut su = setup(name, 0.0);
@@ -1049,12 +1049,12 @@ fn full_objective(name: &str, p: IlrecParams) {
 
 #[test]
 fn full_ilrec_objective_tiny_llama() {
-    full_objective("tiny-llama", IlrecParams { alpha: 0.9, beta: 0.5, lambda: 0.5, mu: 0.5, neg_weight: NegWeight::Prob, cpd_direction: CpdDirection::Forward });
+    full_objective("tiny-llama", IlrecParams { alpha: 0.9, beta: 0.5, lambda: 0.5, mu: 0.5, neg_weight: NegWeight::Prob, cpd_direction: CpdDirection::Forward, ..Default::default() });
 }
 
 #[test]
 fn full_ilrec_objective_tiny_qwen2() {
-    full_objective("tiny-qwen2", IlrecParams { alpha: 0.9, beta: 0.5, lambda: 0.5, mu: 0.5, neg_weight: NegWeight::Logit, cpd_direction: CpdDirection::Reverse });
+    full_objective("tiny-qwen2", IlrecParams { alpha: 0.9, beta: 0.5, lambda: 0.5, mu: 0.5, neg_weight: NegWeight::Logit, cpd_direction: CpdDirection::Reverse, ..Default::default() });
 }
 
 

@@ -2,7 +2,7 @@
 //! written from ILREC.md (fixtures: scripts/fixtures/ilrec_loss_fixtures.py).
 mod common;
 use common::{fixture, rel_err};
-use ilrec::train::loss::{ilrec_loss, sft_loss, CpdDirection, IlrecParams, LossRows, NegWeight};
+use ilrec::train::loss::{ilrec_loss, sft_loss, CpdDirection, IlrecParams, LossRows, NegSource, NegWeight};
 use ilrec::weights::SafetensorsSet;
 
 struct Case {
@@ -50,6 +50,8 @@ fn ilrec_loss_matches_pytorch_reference() {
             mu: hp["mu"].as_f64().unwrap() as f32,
             neg_weight: if hp["neg_weight"] == "logit" { NegWeight::Logit } else { NegWeight::Prob },
             cpd_direction: if hp["cpd_direction"] == "reverse" { CpdDirection::Reverse } else { CpdDirection::Forward },
+            // Fixtures written before the switch existed have no key: the default source.
+            negatives: if hp["negatives"] == "final" { NegSource::Final } else { NegSource::Intermediate },
         };
         let norm = hp["norm"].as_f64().unwrap();
         let final_logits = case.f32("final_logits");

@@ -81,6 +81,7 @@ fn ilrec(name: &str) {
         mu: hp["mu"].as_f64().unwrap() as f32,
         neg_weight: NegWeight::Prob,
         cpd_direction: CpdDirection::Forward,
+        ..Default::default()
     };
     let layers: Vec<usize> = il["probe_blocks"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
     let obj = Objective::Ilrec { params, layers, candidates };

@@ -14,7 +14,7 @@ use crate::rng::Rng;
 use crate::train::backprop::Objective;
 use crate::train::checkpoint::atomic_write;
 use crate::train::lora::Lora;
-use crate::train::loss::{CpdDirection, IlrecParams, NegWeight};
+use crate::train::loss::{CpdDirection, IlrecParams, NegSource, NegWeight};
 use crate::train::trainer::{Example, StepReport, TrainConfig, Trainer};
 use crate::weights::TextTokenizer;
 use serde::{Deserialize, Serialize};
@@ -78,12 +78,14 @@ pub struct IlrecConfig {
     pub neg_weight: String,
     /// `forward` or `reverse`.
     pub cpd_direction: String,
+    /// Where the self-hard negatives come from: `intermediate` (ILRec) or `final` (ablation).
+    pub negatives: String,
 }
 
 impl Default for IlrecConfig {
     fn default() -> Self {
         let p = IlrecParams::default();
-        IlrecConfig { alpha: p.alpha, beta: p.beta, lambda: p.lambda, mu: p.mu, k: 4, layers: vec![], neg_weight: "prob".into(), cpd_direction: "forward".into() }
+        IlrecConfig { alpha: p.alpha, beta: p.beta, lambda: p.lambda, mu: p.mu, k: 4, layers: vec![], neg_weight: "prob".into(), cpd_direction: "forward".into(), negatives: "intermediate".into() }
     }
 }
 
@@ -169,7 +171,12 @@ impl RunConfig {
                     "reverse" => CpdDirection::Reverse,
                     o => return Err(Error::InvalidField { path: "config".into(), field: "ilrec.cpd_direction".into(), msg: format!("`{o}` (forward | reverse)") }),
                 };
-                let params = IlrecParams { alpha: c.alpha, beta: c.beta, lambda: c.lambda, mu: c.mu, neg_weight, cpd_direction };
+                let negatives = match c.negatives.as_str() {
+                    "intermediate" => NegSource::Intermediate,
+                    "final" => NegSource::Final,
+                    o => return Err(Error::InvalidField { path: "config".into(), field: "ilrec.negatives".into(), msg: format!("`{o}` (intermediate | final)") }),
+                };
+                let params = IlrecParams { alpha: c.alpha, beta: c.beta, lambda: c.lambda, mu: c.mu, neg_weight, cpd_direction, negatives };
                 Ok(Objective::Ilrec { params, layers, candidates })
             }
             o => Err(Error::InvalidField { path: "config".into(), field: "method".into(), msg: format!("`{o}` (sft | ilrec)") }),

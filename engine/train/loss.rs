@@ -27,6 +27,17 @@ pub enum CpdDirection {
     Reverse,
 }
 
+/// Which distribution picks the self-hard negatives `V_N` and their weights `w`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum NegSource {
+    /// The ensemble of the probed intermediate layers (ILRec, ILREC.md section 3).
+    #[default]
+    Intermediate,
+    /// The final layer's logits restricted to the candidates: the paper's "final-layer
+    /// negatives" ablation. CPD still distils into the probed layers.
+    Final,
+}
+
 /// Hyper-parameters of the ILRec objective.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct IlrecParams {
@@ -36,11 +47,20 @@ pub struct IlrecParams {
     pub mu: f32,
     pub neg_weight: NegWeight,
     pub cpd_direction: CpdDirection,
+    pub negatives: NegSource,
 }
 
 impl Default for IlrecParams {
     fn default() -> Self {
-        IlrecParams { alpha: 1.0, beta: 0.1, lambda: 0.01, mu: 0.005, neg_weight: NegWeight::Prob, cpd_direction: CpdDirection::Forward }
+        IlrecParams {
+            alpha: 1.0,
+            beta: 0.1,
+            lambda: 0.01,
+            mu: 0.005,
+            neg_weight: NegWeight::Prob,
+            cpd_direction: CpdDirection::Forward,
+            negatives: NegSource::Intermediate,
+        }
     }
 }
 
@@ -305,8 +325,12 @@ fn item_row(
 ) -> RowOut {
     let s = candidates.len();
     let k = probes.len();
-    // Ensemble of the probed layers and its softmax over the candidates (section 2).
-    let zhat: Vec<f64> = (0..s).map(|j| probes.iter().map(|pl| pl[j] as f64).sum::<f64>() / k as f64).collect();
+    // Ensemble of the probed layers and its softmax over the candidates (section 2), or the
+    // final layer's candidate logits for the final-layer-negatives ablation; a constant either way.
+    let zhat: Vec<f64> = match p.negatives {
+        NegSource::Intermediate => (0..s).map(|j| probes.iter().map(|pl| pl[j] as f64).sum::<f64>() / k as f64).collect(),
+        NegSource::Final => candidates.iter().map(|&c| z[c as usize] as f64).collect(),
+    };
     let phat = softmax(&zhat);
     // Self-hard negatives (section 3): candidates the ensemble rates at least alpha times the
     // ground truth.
