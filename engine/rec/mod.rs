@@ -5,5 +5,7 @@ pub mod data;
 pub mod metrics;
 pub mod pipeline;
 pub mod prompt;
+pub mod reward;
+pub mod sasrec;
 pub mod semantic_id;
 pub mod trie;
