@@ -6,6 +6,7 @@ pub mod backend;
 pub mod device;
 pub mod error;
 pub mod model;
+pub mod progress;
 pub mod rec;
 pub mod rng;
 pub mod tensor;

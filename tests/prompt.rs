@@ -1,7 +1,7 @@
 //! Prompt building: spliced token ids equal the tokenizer's ids of the whole prompt string.
 mod common;
 use common::{repo, skip};
-use ilrec::rec::prompt::{PromptBuilder, PREFIX, SEPARATOR, SUFFIX};
+use ilrec::rec::prompt::{PromptBuilder, PromptTemplate, PREFIX, SEPARATOR, SUFFIX};
 use ilrec::weights::TextTokenizer;
 
 #[test]
@@ -15,9 +15,13 @@ fn spliced_prompt_equals_encoding_the_whole_string() {
     tok.add_tokens(&codes).unwrap();
     let identifiers: Vec<String> = (0..6).map(|i| format!("<a_{}><b_{}><c_{}>", i % 4, (i * 3) % 4, (i + 1) % 4)).collect();
     let eos = tok.eos_id().unwrap();
-    let pb = PromptBuilder::new(&tok, &identifiers, eos).unwrap();
+    let compact = PromptTemplate { prefix: "Items:".into(), separator: "".into(), suffix: "\nNext:".into() };
+    assert_eq!(PromptTemplate::default(), PromptTemplate { prefix: PREFIX.into(), separator: SEPARATOR.into(), suffix: SUFFIX.into() });
+    for template in [PromptTemplate::default(), compact] {
+    let pb = PromptBuilder::new(&tok, &template, &identifiers, eos).unwrap();
     for history in [vec![0u32], vec![3, 1, 5, 2], vec![4, 4, 0]] {
-        let text = format!("{PREFIX}{}{SUFFIX}", history.iter().map(|&i| identifiers[i as usize].as_str()).collect::<Vec<_>>().join(SEPARATOR));
+        let body = history.iter().map(|&i| identifiers[i as usize].as_str()).collect::<Vec<_>>().join(&template.separator);
+        let text = format!("{}{body}{}", template.prefix, template.suffix);
         assert_eq!(pb.prompt(&history).unwrap(), tok.encode(&text).unwrap(), "history {history:?}");
         let ex = pb.example(&history, 2).unwrap();
         let resp = &ex.tokens[ex.tokens.len() - 4..];
@@ -31,4 +35,5 @@ fn spliced_prompt_equals_encoding_the_whole_string() {
         }
     }
     assert!(pb.prompt(&[9]).is_err(), "unknown history item");
+    }
 }

@@ -173,6 +173,18 @@ impl Model {
     pub fn new_cache(&self, batch: usize, cap: usize) -> KvCache {
         KvCache::new(&self.config, batch, cap)
     }
+
+    /// Keeps only the first `n` transformer blocks (the final norm and LM head stay): a
+    /// layer-truncated model, the cheap "small model" of CPU-scale runs. Its logits are the
+    /// logit lens of block `n` of the full model.
+    pub fn keep_blocks(&mut self, n: usize) -> Result<()> {
+        if n == 0 || n > self.blocks.len() {
+            return Err(Error::Input(format!("cannot keep {n} blocks: the model has {} (need 1..={})", self.blocks.len(), self.blocks.len())));
+        }
+        self.blocks.truncate(n);
+        self.config.num_layers = n;
+        Ok(())
+    }
 }
 
 /// New vocabulary rows (item-code tokens of semantic IDs, docs/semantic_ids.md).
@@ -180,6 +192,79 @@ impl Model {
     /// Scale of the noise added to new token rows, relative to each dimension's standard
     /// deviation over the existing rows.
     pub const NEW_TOKEN_NOISE: f64 = 0.1;
+
+    /// Lifts the LM-head rows of the new tokens `new` (already added) so that each one's mean
+    /// logit over the given prediction positions equals the mean log-sum-exp of the existing
+    /// vocabulary there: the new tokens start as likely as all old tokens together, so a
+    /// fine-tune begins near a uniform choice among them instead of spending its first steps
+    /// lifting fresh rows past a pretrained vocabulary (60 nats below it for SmolLM2's first
+    /// blocks). Each row moves along the mean normalised hidden state `h̄` only; with a tied
+    /// head this moves the embedding rows too. `seqs[i]` is a token sequence and `positions[i]`
+    /// its prediction positions (e.g. a training example's response positions). Returns the
+    /// matched logit.
+    pub fn match_new_token_logits(&mut self, new: std::ops::Range<u32>, seqs: &[Vec<u32>], positions: &[Vec<usize>]) -> Result<f32> {
+        let h = self.config.hidden_size;
+        let old = new.start as usize;
+        if seqs.len() != positions.len() || seqs.is_empty() || new.is_empty() || new.end as usize > self.config.vocab_size {
+            return Err(Error::Input(format!(
+                "matching new token logits: {} sequences, {} position lists, tokens {new:?} of {}",
+                seqs.len(),
+                positions.len(),
+                self.config.vocab_size
+            )));
+        }
+        let last = self.config.num_layers;
+        let mut hs: Vec<f32> = Vec::new();
+        for (chunk, pos) in seqs.chunks(16).zip(positions.chunks(16)) {
+            let batch = Batch::right_padded(chunk, 0)?;
+            let out = self.forward(&batch, &ForwardOptions { logits: LogitsMode::None, taps: vec![last], probe: None })?;
+            let x = out.hidden[0].1.as_f32().ok_or_else(|| Error::Input("f32 hidden states expected".into()))?;
+            for (b, ps) in pos.iter().enumerate() {
+                for &p in ps {
+                    if p >= chunk[b].len() {
+                        return Err(Error::Input(format!("prediction position {p} is past a sequence of {} tokens", chunk[b].len())));
+                    }
+                    let r = (b * batch.seq + p) * h;
+                    let mut y = vec![0.0f32; h];
+                    cpu::rms_norm(&mut y, &x[r..r + h], &self.norm, self.config.rms_norm_eps);
+                    hs.extend_from_slice(&y);
+                }
+            }
+        }
+        let n = hs.len() / h;
+        if n == 0 {
+            return Err(Error::Input("matching new token logits: no prediction positions".into()));
+        }
+        let mut logits = vec![0.0f32; n * old];
+        cpu::matmul_nt(&mut logits, old, &hs, h, self.head_weight(), h, n, old, h, false);
+        let target = logits
+            .chunks(old)
+            .map(|z| {
+                let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                m + z.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
+            })
+            .sum::<f64>()
+            / n as f64;
+        let mut mean = vec![0.0f64; h];
+        for row in hs.chunks(h) {
+            mean.iter_mut().zip(row).for_each(|(m, &v)| *m += v as f64 / n as f64);
+        }
+        let norm2: f64 = mean.iter().map(|v| v * v).sum();
+        if !(norm2 > 0.0 && target.is_finite()) {
+            return Err(Error::NonFinite(format!("matching new token logits: |h̄|² = {norm2}, target logit {target}")));
+        }
+        let rows = match self.lm_head.as_mut() {
+            Some(l) => &mut l.w,
+            None => &mut self.embed,
+        };
+        for t in new {
+            let w = &mut rows[t as usize * h..(t as usize + 1) * h];
+            let cur: f64 = w.iter().zip(&mean).map(|(&a, &b)| a as f64 * b).sum();
+            let c = (target - cur) / norm2;
+            w.iter_mut().zip(&mean).for_each(|(a, &b)| *a += (c * b) as f32);
+        }
+        Ok(target as f32)
+    }
 
     /// Initial rows for `n` new tokens: per dimension `d`, the mean of the existing rows plus
     /// seeded noise `N(0, (NEW_TOKEN_NOISE * std_d)^2)`, `std_d` the standard deviation of

@@ -3,6 +3,7 @@
 use crate::error::{Error, Result};
 use crate::train::trainer::Example;
 use crate::weights::TextTokenizer;
+use serde::{Deserialize, Serialize};
 
 /// The instruction before the history.
 pub const PREFIX: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nThe user has interacted with items ";
@@ -10,6 +11,22 @@ pub const PREFIX: &str = "Below is an instruction that describes a task. Write a
 pub const SEPARATOR: &str = ", ";
 /// After the history, up to where the response starts.
 pub const SUFFIX: &str = " in chronological order. Can you predict the next possible item that the user may expect?\n\n### Response:";
+
+/// The three text pieces of a prompt: `prefix item_1 separator item_2 ... item_n suffix`.
+/// The default is LC-Rec's template (ILREC.md section 1); CPU-scale runs may shorten it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PromptTemplate {
+    pub prefix: String,
+    pub separator: String,
+    pub suffix: String,
+}
+
+impl Default for PromptTemplate {
+    fn default() -> Self {
+        PromptTemplate { prefix: PREFIX.into(), separator: SEPARATOR.into(), suffix: SUFFIX.into() }
+    }
+}
 
 /// Tokenised template pieces and every item's identifier tokens.
 ///
@@ -28,7 +45,7 @@ pub struct PromptBuilder {
 
 impl PromptBuilder {
     /// `identifiers[i]` is item `i`'s identifier text (e.g. `<a_1><b_7><c_3><d_0>`).
-    pub fn new(tok: &TextTokenizer, identifiers: &[String], eos: u32) -> Result<Self> {
+    pub fn new(tok: &TextTokenizer, template: &PromptTemplate, identifiers: &[String], eos: u32) -> Result<Self> {
         let item_tokens = identifiers
             .iter()
             .enumerate()
@@ -40,7 +57,8 @@ impl PromptBuilder {
                 Ok(ids)
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(PromptBuilder { prefix: tok.encode(PREFIX)?, separator: tok.encode(SEPARATOR)?, suffix: tok.encode(SUFFIX)?, item_tokens, eos })
+        let t = template;
+        Ok(PromptBuilder { prefix: tok.encode(&t.prefix)?, separator: tok.encode(&t.separator)?, suffix: tok.encode(&t.suffix)?, item_tokens, eos })
     }
 
     /// Token ids of the prompt for `history` (item indices, oldest first).

@@ -62,6 +62,11 @@ pub struct TrainConfig {
     pub lora_dropout: f32,
     pub lora_targets: Vec<String>,
     pub lr: f64,
+    /// Learning rate of the new token rows (embedding and LM head), a separate parameter
+    /// group under the same schedule; `None`: `lr`. Fresh rows start at the average token and
+    /// must overtake the whole pretrained vocabulary, which short runs do faster with a
+    /// larger rate than LoRA tolerates.
+    pub token_lr: Option<f64>,
     pub weight_decay: f64,
     pub max_grad_norm: f32,
     pub warmup_ratio: f64,
@@ -82,6 +87,7 @@ impl Default for TrainConfig {
             lora_dropout: 0.05,
             lora_targets: Target::ALL.iter().map(|t| t.name().to_string()).collect(),
             lr: 5e-5,
+            token_lr: None,
             weight_decay: 0.0,
             max_grad_norm: 0.3,
             warmup_ratio: 0.05,
@@ -282,6 +288,7 @@ impl Trainer {
             return Err(Error::NonFinite(format!("step {step_no}: gradient norm {grad_norm}")));
         }
         let lr = self.schedule.lr_at(self.cfg.lr, self.step);
+        let token_lr = self.schedule.lr_at(self.cfg.token_lr.unwrap_or(self.cfg.lr), self.step);
         {
             let grads_ro: Vec<&[f32]> = gts.iter().map(|g| g.as_slice()).collect();
             let mut values: Vec<&mut Vec<f32>> = self.lora.named_mut().into_iter().map(|(_, t)| t).collect();
@@ -293,7 +300,11 @@ impl Trainer {
                 .zip(grads_ro)
                 .map(|((v, name), grad)| ParamRef { name: name.as_str(), values: v.as_mut_slice(), grad, decay: true })
                 .collect();
-            self.opt.step(&mut params, lr).map_err(|e| at_step(e, step_no))?;
+            // Two parameter groups: LoRA, then the two token-row tensors.
+            let n_lora = params.len() - 2;
+            let (lora, rows) = params.split_at_mut(n_lora);
+            self.opt.step(lora, lr).map_err(|e| at_step(e, step_no))?;
+            self.opt.step(rows, token_lr).map_err(|e| at_step(e, step_no))?;
         }
         self.write_rows(model);
         self.step = step_no;
