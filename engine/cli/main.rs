@@ -30,6 +30,13 @@ enum Cmd {
     Train(rec::TrainArgs),
     /// Evaluate a trained run: full-ranking Hit@K / NDCG@K by trie-constrained beam search.
     Eval(rec::EvalArgs),
+    /// Train (when absent) and evaluate the run's SASRec, the collaborative-filtering baseline
+    /// and CRR reward model.
+    Sasrec(rec::EvalArgs),
+    /// The MostPop sanity baseline (most interacted training items) on the run's evaluation users.
+    Popularity(rec::EvalArgs),
+    /// Recommend items for one history (or a data set user) with a trained run.
+    Recommend(rec::RecommendArgs),
     /// Convert a GGUF file into an HF model directory (safetensors, config, tokenizer).
     ImportGguf {
         /// The .gguf file.
@@ -53,6 +60,9 @@ fn main() {
         Cmd::Probe(a) => probe::run(a),
         Cmd::Train(a) => rec::train(a),
         Cmd::Eval(a) => rec::eval(a),
+        Cmd::Sasrec(a) => rec::sasrec(a),
+        Cmd::Popularity(a) => rec::popularity(a),
+        Cmd::Recommend(a) => rec::recommend(a),
         Cmd::ImportGguf { gguf, out_dir } => import_gguf(&gguf, &out_dir),
     };
     if let Err(e) = res {

@@ -1,6 +1,9 @@
-//! `ilrec train --config FILE` and `ilrec eval --config FILE`.
-use anyhow::Result;
-use ilrec::rec::pipeline::{run_eval, run_train, RunConfig};
+//! `ilrec train`, `ilrec eval`, `ilrec sasrec` and `ilrec recommend`, all driven by a TOML run
+//! config.
+use anyhow::{bail, Context, Result};
+use ilrec::progress::Progress;
+use ilrec::rec::metrics::Metrics;
+use ilrec::rec::pipeline::{run_eval, run_most_popular, run_sasrec, run_train, RunConfig, TrainedRun};
 use ilrec::train::trainer::StepReport;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -21,43 +24,119 @@ pub struct EvalArgs {
     split: String,
 }
 
+#[derive(clap::Args)]
+pub struct RecommendArgs {
+    /// The trained run's TOML config.
+    #[arg(long)]
+    config: PathBuf,
+    /// The user's history, oldest first: item ids as in the data set's files, comma-separated.
+    #[arg(long, conflicts_with = "user")]
+    history: Option<String>,
+    /// Or a user id of the data set: recommend the next item after the user's whole sequence.
+    #[arg(long)]
+    user: Option<String>,
+    /// How many items to print.
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+}
+
 pub fn train(a: TrainArgs) -> Result<()> {
     let cfg = RunConfig::from_file(&a.config)?;
     let t0 = Instant::now();
     let mut log = |m: &str| eprintln!("[{:>7.1}s] {m}", t0.elapsed().as_secs_f64());
+    let mut bar: Option<Progress> = None;
     let mut tokens = 0usize;
     let mut on_step = |r: &StepReport| {
+        let b = bar.get_or_insert_with(|| Progress::new(r.total_steps, "train steps"));
         tokens += r.tokens;
-        let el = t0.elapsed().as_secs_f64();
-        let eta = r.seconds * (r.total_steps - r.step) as f64;
-        eprintln!(
-            "step {}/{} loss {:.4} (cpo {:.4} cpd {:.4} ce {:.4}) |V_N| {:.1} grad {:.3} lr {:.2e} {:.0} tok/s eta {:.0}s [{el:.0}s]",
-            r.step,
-            r.total_steps,
-            r.stats.loss,
-            r.stats.cpo,
-            r.stats.cpd,
-            r.stats.ce,
-            r.stats.mean_negatives(),
-            r.grad_norm,
-            r.lr,
-            r.tokens as f64 / r.seconds,
-            eta
-        );
+        let s = &r.stats;
+        let terms = if cfg.method == "sft" {
+            format!("loss {:.4}", s.loss)
+        } else {
+            format!("loss {:.4} cpo {:.4} cpd {:.4} crr {:.4} ce {:.4} |V_N| {:.1}", s.loss, s.cpo, s.cpd, s.crr, s.ce, s.mean_negatives())
+        };
+        b.set(r.step, &format!("{terms} grad {:.3} lr {:.2e} {:.0} tok/s", r.grad_norm, r.lr, r.tokens as f64 / r.seconds));
+        if r.step == r.total_steps {
+            b.finish();
+            eprintln!("trained {} steps, {tokens} tokens in {:.1}s", r.total_steps, t0.elapsed().as_secs_f64());
+        }
     };
     run_train(&cfg, &mut log, &mut on_step)?;
+    Ok(())
+}
+
+fn write_metrics(cfg: &RunConfig, name: &str, m: &Metrics, seconds: f64) -> Result<()> {
+    let mut v = serde_json::to_value(m)?;
+    v["seconds"] = serde_json::json!(seconds);
+    let json = serde_json::to_string_pretty(&v)?;
+    std::fs::create_dir_all(&cfg.output_dir).with_context(|| format!("creating {}", cfg.output_dir.display()))?;
+    let out = cfg.output_dir.join(name);
+    ilrec::train::checkpoint::atomic_write(&out, json.as_bytes())?;
+    println!("{json}");
+    eprintln!("wrote {}", out.display());
     Ok(())
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
     let cfg = RunConfig::from_file(&a.config)?;
     let t0 = Instant::now();
-    let mut progress = |d: usize, n: usize| eprintln!("eval {d}/{n} users [{:.0}s]", t0.elapsed().as_secs_f64());
+    let mut bar: Option<Progress> = None;
+    let mut progress = |d: usize, n: usize| bar.get_or_insert_with(|| Progress::new(n as u64, "eval users")).set(d as u64, "");
     let m = run_eval(&cfg, &a.split, &mut progress)?;
-    let json = serde_json::to_string_pretty(&m)?;
-    let out = cfg.output_dir.join(format!("metrics_{}.json", a.split));
-    ilrec::train::checkpoint::atomic_write(&out, json.as_bytes())?;
-    println!("{json}");
-    eprintln!("wrote {}", out.display());
+    write_metrics(&cfg, &format!("metrics_{}.json", a.split), &m, t0.elapsed().as_secs_f64())
+}
+
+/// `ilrec sasrec --config FILE`: the SASRec baseline row (trained when absent) on the run's
+/// evaluation users.
+pub fn sasrec(a: EvalArgs) -> Result<()> {
+    let cfg = RunConfig::from_file(&a.config)?;
+    let t0 = Instant::now();
+    let mut log = |m: &str| eprintln!("[{:>7.1}s] {m}", t0.elapsed().as_secs_f64());
+    let m = run_sasrec(&cfg, &a.split, &mut log)?;
+    write_metrics(&cfg, &format!("sasrec_metrics_{}.json", a.split), &m, t0.elapsed().as_secs_f64())
+}
+
+/// `ilrec popularity --config FILE`: the MostPop sanity row on the run's evaluation users.
+pub fn popularity(a: EvalArgs) -> Result<()> {
+    let cfg = RunConfig::from_file(&a.config)?;
+    let t0 = Instant::now();
+    let m = run_most_popular(&cfg, &a.split)?;
+    write_metrics(&cfg, &format!("mostpop_metrics_{}.json", a.split), &m, t0.elapsed().as_secs_f64())
+}
+
+pub fn recommend(a: RecommendArgs) -> Result<()> {
+    let cfg = RunConfig::from_file(&a.config)?;
+    let run = TrainedRun::load(&cfg)?;
+    let ds = &run.dataset;
+    let history: Vec<u32> = match (&a.history, &a.user) {
+        (Some(h), _) => {
+            let index = ds.item_index();
+            h.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| index.get(s).copied().with_context(|| format!("--history: item `{s}` is not an item of {}", ds.name)))
+                .collect::<Result<_>>()?
+        }
+        (None, Some(u)) => {
+            let i = ds.users.iter().position(|x| x == u).with_context(|| format!("--user: `{u}` is not a user of {}", ds.name))?;
+            ds.sequences[i].clone()
+        }
+        (None, None) => bail!("give --history ITEM,ITEM,... or --user ID"),
+    };
+    if history.is_empty() {
+        bail!("--history is empty");
+    }
+    let keep = history.len().saturating_sub(cfg.data.max_history);
+    let history = &history[keep..];
+    let recs = run.recommend(&[history])?;
+    println!("history ({} items, oldest first):", history.len());
+    for &i in history {
+        println!("  {:>8}  {}", ds.items[i as usize].raw_id, ds.items[i as usize].title);
+    }
+    println!("{:>4}  {:>8}  {:>9}  title", "rank", "item", "log-prob");
+    for (r, (item, score)) in recs[0].iter().take(a.top).enumerate() {
+        let it = &ds.items[*item as usize];
+        println!("{:>4}  {:>8}  {score:>9.4}  {}", r + 1, it.raw_id, it.title);
+    }
     Ok(())
 }

@@ -3,9 +3,12 @@
 //! search. Everything evaluation needs (adapter, item tokens' rows, semantic IDs) is written to
 //! the run's output directory.
 use super::beam::{recommend, BeamOptions};
-use super::data::{leave_one_out, load_lcrec, load_recbole, load_recbole_presplit, Dataset, Sample, DEFAULT_MAX_HISTORY};
+use super::data::{leave_one_out, load_lcrec, load_recbole, load_recbole_presplit, Dataset, Sample, Split, DEFAULT_MAX_HISTORY};
+use crate::progress::Progress;
 use super::metrics::Metrics;
-use super::prompt::PromptBuilder;
+use super::prompt::{PromptBuilder, PromptTemplate};
+use super::reward::{item_distribution, RewardTable};
+use super::sasrec::{SasRec, SasRecConfig};
 use super::semantic_id::{add_item_tokens, assign_semantic_ids, item_embeddings, SemanticIdConfig, SemanticIds, SEMANTIC_IDS_FILE};
 use super::trie::ItemTrie;
 use crate::error::{Error, Result};
@@ -54,11 +57,18 @@ pub struct IdsConfig {
     /// Item text tokens embedded per item.
     pub max_text_tokens: usize,
     pub seed: u64,
+    /// Reuse the semantic IDs in this file when it exists, else build them and write it too:
+    /// runs that differ only in method or seed then share one mapping (and skip embedding).
+    pub cache: Option<PathBuf>,
+    /// Start the new code tokens' LM-head rows at the existing vocabulary's log-sum-exp on
+    /// (up to 64) training response positions (`Model::match_new_token_logits`); else at the
+    /// average token's logit.
+    pub match_logits: bool,
 }
 
 impl Default for IdsConfig {
     fn default() -> Self {
-        IdsConfig { kind: "semantic".into(), levels: 3, codes: 256, kmeans_iters: 50, max_text_tokens: 64, seed: 42 }
+        IdsConfig { kind: "semantic".into(), levels: 3, codes: 256, kmeans_iters: 50, max_text_tokens: 64, seed: 42, cache: None, match_logits: true }
     }
 }
 
@@ -80,12 +90,16 @@ pub struct IlrecConfig {
     pub cpd_direction: String,
     /// Where the self-hard negatives come from: `intermediate` (ILRec) or `final` (ablation).
     pub negatives: String,
+    /// SASRec weights giving the CRR rewards (`mu > 0`): used when the file exists, else
+    /// trained per `[sasrec]` on the same split and written there. Default:
+    /// `output_dir/sasrec.safetensors`.
+    pub cf_model: Option<PathBuf>,
 }
 
 impl Default for IlrecConfig {
     fn default() -> Self {
         let p = IlrecParams::default();
-        IlrecConfig { alpha: p.alpha, beta: p.beta, lambda: p.lambda, mu: p.mu, k: 4, layers: vec![], neg_weight: "prob".into(), cpd_direction: "forward".into(), negatives: "intermediate".into() }
+        IlrecConfig { alpha: p.alpha, beta: p.beta, lambda: p.lambda, mu: p.mu, k: 4, layers: vec![], neg_weight: "prob".into(), cpd_direction: "forward".into(), negatives: "intermediate".into(), cf_model: None }
     }
 }
 
@@ -108,13 +122,18 @@ impl Default for EvalConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
     pub model_dir: PathBuf,
+    /// Use only the first `model_blocks` transformer blocks (0: all): a layer-truncated model
+    /// for CPU-scale runs; the final norm and LM head are kept.
+    pub model_blocks: usize,
     pub output_dir: PathBuf,
     /// `sft` or `ilrec`.
     pub method: String,
     pub data: DataConfig,
     pub ids: IdsConfig,
+    pub prompt: PromptTemplate,
     pub train: TrainConfig,
     pub ilrec: IlrecConfig,
+    pub sasrec: SasRecConfig,
     pub eval: EvalConfig,
 }
 
@@ -122,12 +141,15 @@ impl Default for RunConfig {
     fn default() -> Self {
         RunConfig {
             model_dir: "weights/smollm2-135m".into(),
+            model_blocks: 0,
             output_dir: "runs/default".into(),
             method: "ilrec".into(),
             data: DataConfig::default(),
             ids: IdsConfig::default(),
+            prompt: PromptTemplate::default(),
             train: TrainConfig::default(),
             ilrec: IlrecConfig::default(),
+            sasrec: SasRecConfig::default(),
             eval: EvalConfig::default(),
         }
     }
@@ -145,13 +167,6 @@ impl RunConfig {
             "sft" => Ok(Objective::Sft),
             "ilrec" => {
                 let c = &self.ilrec;
-                if c.mu > 0.0 {
-                    return Err(Error::InvalidField {
-                        path: "config".into(),
-                        field: "ilrec.mu".into(),
-                        msg: "CRR needs per-position CF rewards from SASRec, which this version does not build yet; set mu = 0".into(),
-                    });
-                }
                 let n = model.config.num_layers;
                 let layers = if c.layers.is_empty() {
                     if c.k == 0 || c.k >= n {
@@ -214,35 +229,51 @@ struct Prepared {
     model: Model,
     tok: TextTokenizer,
     ids: SemanticIds,
+    template: PromptTemplate,
 }
 
 fn semantic_ids(cfg: &RunConfig, ds: &Dataset, model: &Model, tok: &TextTokenizer, log: &mut dyn FnMut(&str)) -> Result<SemanticIds> {
-    match cfg.ids.kind.as_str() {
+    if let Some(path) = cfg.ids.cache.as_ref().filter(|p| p.exists()) {
+        let ids = SemanticIds::load(path)?;
+        if ids.num_items() != ds.items.len() {
+            return Err(Error::InvalidField {
+                path: path.clone(),
+                field: "ids.cache".into(),
+                msg: format!("holds {} items, the data set {} has {}", ids.num_items(), ds.name, ds.items.len()),
+            });
+        }
+        log(&format!("semantic IDs from {}", path.display()));
+        return Ok(ids);
+    }
+    let ids = match cfg.ids.kind.as_str() {
         "lcrec_index" => {
             let map = ds.semantic_ids.clone().ok_or_else(|| Error::InvalidField {
                 path: cfg.data.dir.clone(),
                 field: "ids.kind".into(),
                 msg: "lcrec_index needs a data set with an index.json".into(),
             })?;
-            SemanticIds::from_lcrec_index_disambiguated(map)
+            SemanticIds::from_lcrec_index_disambiguated(map)?
         }
         "semantic" => {
             let texts = ds.items.iter().map(|it| tok.encode(&it.text)).collect::<Result<Vec<_>>>()?;
             log(&format!("embedding {} item texts with the model ...", texts.len()));
-            let mut last = 0;
-            let mut progress = |done: usize, total: usize| {
-                if done * 10 / total > last {
-                    last = done * 10 / total;
-                    eprintln!("  item embeddings: {done}/{total}");
-                }
-            };
+            let bar = Progress::new(texts.len() as u64, "item embeddings");
+            let mut progress = |done: usize, _total: usize| bar.set(done as u64, "");
             let emb = item_embeddings(model, &texts, 16, cfg.ids.max_text_tokens, Some(&mut progress))?;
+            bar.finish();
             let sc = SemanticIdConfig { levels: cfg.ids.levels, codes: cfg.ids.codes, iters: cfg.ids.kmeans_iters, seed: cfg.ids.seed, ..Default::default() };
             log(&format!("residual k-means: {} levels x {} codes", sc.levels, sc.codes));
-            assign_semantic_ids(&emb, model.config.hidden_size, &sc)
+            assign_semantic_ids(&emb, model.config.hidden_size, &sc)?
         }
-        o => Err(Error::InvalidField { path: "config".into(), field: "ids.kind".into(), msg: format!("`{o}` (semantic | lcrec_index)") }),
+        o => return Err(Error::InvalidField { path: "config".into(), field: "ids.kind".into(), msg: format!("`{o}` (semantic | lcrec_index)") }),
+    };
+    if let Some(path) = &cfg.ids.cache {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        ids.save(path)?;
     }
+    Ok(ids)
 }
 
 fn builder(p: &Prepared) -> Result<PromptBuilder> {
@@ -251,30 +282,107 @@ fn builder(p: &Prepared) -> Result<PromptBuilder> {
         msg: "no EOS token".into(),
     })?;
     let idents: Vec<String> = (0..p.ids.num_items()).map(|i| p.ids.id_string(i)).collect();
-    PromptBuilder::new(&p.tok, &idents, eos)
+    PromptBuilder::new(&p.tok, &p.template, &idents, eos)
+}
+
+/// The configured model: loaded, truncated to `model_blocks` when set.
+fn load_model(cfg: &RunConfig) -> Result<Model> {
+    let mut model = Model::load(&cfg.model_dir)?;
+    if cfg.model_blocks > 0 {
+        model.keep_blocks(cfg.model_blocks).map_err(|e| Error::InvalidField { path: "config".into(), field: "model_blocks".into(), msg: e.to_string() })?;
+    }
+    Ok(model)
+}
+
+/// The data set and its leave-one-out split.
+fn load_split(cfg: &RunConfig) -> Result<(Dataset, Split)> {
+    let ds = load_dataset(&cfg.data)?;
+    let split = leave_one_out(&ds, cfg.data.max_history);
+    Ok((ds, split))
 }
 
 const TOKEN_ROWS_FILE: &str = "item_token_rows.safetensors";
 const ADAPTER_DIR: &str = "adapter";
+const SASREC_FILE: &str = "sasrec.safetensors";
+
+impl RunConfig {
+    /// Where the CRR model lives (`ilrec.cf_model`, default `output_dir/sasrec.safetensors`).
+    pub fn cf_model_path(&self) -> PathBuf {
+        self.ilrec.cf_model.clone().unwrap_or_else(|| self.output_dir.join(SASREC_FILE))
+    }
+}
+
+/// The SASRec of this run: loaded from [`RunConfig::cf_model_path`] when it exists, else
+/// trained per `[sasrec]` on the training split and written there.
+pub fn cf_model(cfg: &RunConfig, split: &Split, n_items: usize, log: &mut dyn FnMut(&str)) -> Result<SasRec> {
+    let path = cfg.cf_model_path();
+    if path.exists() {
+        log(&format!("SASRec from {}", path.display()));
+        return SasRec::load(&path);
+    }
+    log(&format!("training SASRec ({} epochs) on {} training samples", cfg.sasrec.epochs, split.train.len()));
+    let bar = Progress::new(cfg.sasrec.epochs as u64, "SASRec epochs");
+    let sas = SasRec::train(&split.train, n_items, &cfg.sasrec, &mut |e, _n, loss| bar.set(e as u64, &format!("loss {loss:.4}")))?;
+    bar.finish();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    sas.save(&path)?;
+    log(&format!("wrote {}", path.display()));
+    Ok(sas)
+}
+
+/// CRR rewards of every example (ILREC.md section 6), computed once before training.
+fn attach_rewards(data: &mut [Example], samples: &[Sample], sas: &SasRec, pb: &PromptBuilder, candidates: &[u32]) -> Result<()> {
+    let table = RewardTable::new(&pb.item_tokens, candidates)?;
+    for (exs, ss) in data.chunks_mut(256).zip(samples.chunks(256)) {
+        let hists: Vec<&[u32]> = ss.iter().map(|s| s.history.as_slice()).collect();
+        let scores = sas.scores_batch(&hists)?;
+        for ((ex, s), sc) in exs.iter_mut().zip(ss).zip(&scores) {
+            ex.rewards = Some(table.rewards(&item_distribution(sc), s.target as usize, ex.targets.len())?);
+        }
+    }
+    Ok(())
+}
 
 /// Trains per `cfg`, writing the adapter, the semantic IDs and the item tokens' rows into
 /// `cfg.output_dir`; `on_step` sees every optimizer step.
 pub fn run_train(cfg: &RunConfig, log: &mut dyn FnMut(&str), on_step: &mut dyn FnMut(&StepReport)) -> Result<()> {
-    let mut model = Model::load(&cfg.model_dir)?;
+    let mut model = load_model(cfg)?;
     let mut tok = TextTokenizer::load(&cfg.model_dir)?;
-    let ds = load_dataset(&cfg.data)?;
-    let split = leave_one_out(&ds, cfg.data.max_history);
+    let (ds, split) = load_split(cfg)?;
     log(&format!("{}: {} users, {} items; {} train / {} valid / {} test samples", ds.name, ds.users.len(), ds.items.len(), split.train.len(), split.valid.len(), split.test.len()));
     let ids = semantic_ids(cfg, &ds, &model, &tok, log)?;
     let first = add_item_tokens(&mut model, &mut tok, &ids, cfg.ids.seed)?;
-    let p = Prepared { model, tok, ids };
+    let p = Prepared { model, tok, ids, template: cfg.prompt.clone() };
     let pb = builder(&p)?;
     let train = subsample(&split.train, cfg.data.max_train_samples, cfg.train.seed);
-    let data = train.iter().map(|s: &Sample| pb.example(&s.history, s.target)).collect::<Result<Vec<Example>>>()?;
+    let mut data = train.iter().map(|s: &Sample| pb.example(&s.history, s.target)).collect::<Result<Vec<Example>>>()?;
     let new_tokens: Vec<u32> = (first..first + p.ids.num_tokens() as u32).collect();
     let mut model = p.model;
     let objective = cfg.objective(&model, new_tokens.clone())?;
-    log(&format!("training {} on {} samples ({} item tokens added, ids {}..{})", cfg.method, data.len(), new_tokens.len(), first, first as usize + new_tokens.len()));
+    if matches!(&objective, Objective::Ilrec { params, .. } if params.mu > 0.0) {
+        let sas = cf_model(cfg, &split, ds.items.len(), log)?;
+        attach_rewards(&mut data, &train, &sas, &pb, &new_tokens)?;
+        log("CRR rewards computed from SASRec through the item trie");
+    }
+    if cfg.ids.match_logits {
+        let probe = &data[..data.len().min(64)];
+        let seqs: Vec<Vec<u32>> = probe.iter().map(|e| e.tokens.clone()).collect();
+        let pos: Vec<Vec<usize>> = probe.iter().map(|e| e.loss_positions.clone()).collect();
+        let t = model.match_new_token_logits(first..first + new_tokens.len() as u32, &seqs, &pos)?;
+        log(&format!("new token rows lifted to the vocabulary's log-sum-exp ({t:.2}) on {} samples", probe.len()));
+    }
+    let tokens: usize = data.iter().map(|e| e.tokens.len()).sum();
+    log(&format!(
+        "training {} on {} samples ({tokens} tokens, {} blocks; {} item tokens added, ids {}..{})",
+        cfg.method,
+        data.len(),
+        model.config.num_layers,
+        new_tokens.len(),
+        first,
+        first as usize + new_tokens.len()
+    ));
     std::fs::create_dir_all(&cfg.output_dir).map_err(|e| Error::io(&cfg.output_dir, e))?;
     p.ids.save(&cfg.output_dir.join(SEMANTIC_IDS_FILE))?;
     let ckpt = cfg.output_dir.join("checkpoints");
@@ -304,46 +412,111 @@ pub fn run_train(cfg: &RunConfig, log: &mut dyn FnMut(&str), on_step: &mut dyn F
     Ok(())
 }
 
+/// A trained run, ready to recommend: the merged model, its prompt builder, the item trie and
+/// the data set.
+pub struct TrainedRun {
+    pub model: Model,
+    pub prompts: PromptBuilder,
+    pub trie: ItemTrie,
+    pub dataset: Dataset,
+    pub split: Split,
+    pub beam: BeamOptions,
+}
+
+impl TrainedRun {
+    /// Loads the run of `cfg` from its output directory (adapter merged into the base).
+    pub fn load(cfg: &RunConfig) -> Result<Self> {
+        let mut model = load_model(cfg)?;
+        let mut tok = TextTokenizer::load(&cfg.model_dir)?;
+        let (ds, split) = load_split(cfg)?;
+        let ids = SemanticIds::load(&cfg.output_dir.join(SEMANTIC_IDS_FILE))?;
+        if ids.num_items() != ds.items.len() {
+            return Err(Error::Input(format!("{} has {} items, the data set {}", cfg.output_dir.join(SEMANTIC_IDS_FILE).display(), ids.num_items(), ds.items.len())));
+        }
+        let first = add_item_tokens(&mut model, &mut tok, &ids, cfg.ids.seed)?;
+        let rows_path = cfg.output_dir.join(TOKEN_ROWS_FILE);
+        let st = crate::weights::SafetensorsSet::open_files(&[rows_path])?;
+        let (n, h) = (ids.num_tokens(), model.config.hidden_size);
+        let embed = st.get_f32("embed_rows", &[n, h])?;
+        let head = if model.lm_head.is_some() { Some(st.get_f32("head_rows", &[n, h])?) } else { None };
+        model.write_token_rows(first, &embed, head.as_deref())?;
+        let lora = Lora::load_peft(&cfg.output_dir.join(ADAPTER_DIR), &model)?;
+        lora.merge_into(&mut model)?;
+        let trie = ItemTrie::new(&ids.all_token_ids(first))?;
+        let p = Prepared { model, tok, ids, template: cfg.prompt.clone() };
+        let prompts = builder(&p)?;
+        let beam = BeamOptions { beam: cfg.eval.beam, top_k: cfg.eval.top_k.max(10).min(cfg.eval.beam), ..Default::default() };
+        Ok(TrainedRun { model: p.model, prompts, trie, dataset: ds, split, beam })
+    }
+
+    /// Ranked recommendations (item index, score) for each history (dense item ids).
+    pub fn recommend(&self, histories: &[&[u32]]) -> Result<Vec<Vec<(u32, f32)>>> {
+        let prompts = histories.iter().map(|h| self.prompts.prompt(h)).collect::<Result<Vec<_>>>()?;
+        let recs = recommend(&self.model, &self.trie, &prompts, &self.beam)?;
+        Ok(recs.into_iter().map(|r| r.into_iter().map(|x| (x.item, x.score)).collect()).collect())
+    }
+}
+
+/// The evaluation users of `split_name` (`valid` | `test`), subsampled per `data.max_eval_users`.
+pub fn eval_samples(cfg: &RunConfig, split: &Split, split_name: &str) -> Result<Vec<Sample>> {
+    let samples = match split_name {
+        "valid" => &split.valid,
+        "test" => &split.test,
+        o => return Err(Error::Input(format!("split `{o}` (valid | test)"))),
+    };
+    Ok(subsample(samples, cfg.data.max_eval_users, cfg.train.seed ^ 0x5EED))
+}
+
 /// Evaluates the trained run of `cfg` on `split` (`valid` or `test`): full ranking by beam
 /// search over every item, Hit@5/10 and NDCG@5/10; `progress(done, total)` per chunk.
 pub fn run_eval(cfg: &RunConfig, split_name: &str, progress: &mut dyn FnMut(usize, usize)) -> Result<Metrics> {
-    let mut model = Model::load(&cfg.model_dir)?;
-    let mut tok = TextTokenizer::load(&cfg.model_dir)?;
-    let ds = load_dataset(&cfg.data)?;
-    let split = leave_one_out(&ds, cfg.data.max_history);
-    let samples = match split_name {
-        "valid" => split.valid,
-        "test" => split.test,
-        o => return Err(Error::Input(format!("split `{o}` (valid | test)"))),
-    };
-    let ids = SemanticIds::load(&cfg.output_dir.join(SEMANTIC_IDS_FILE))?;
-    if ids.num_items() != ds.items.len() {
-        return Err(Error::Input(format!("{} has {} items, the data set {}", cfg.output_dir.join(SEMANTIC_IDS_FILE).display(), ids.num_items(), ds.items.len())));
-    }
-    let first = add_item_tokens(&mut model, &mut tok, &ids, cfg.ids.seed)?;
-    let rows_path = cfg.output_dir.join(TOKEN_ROWS_FILE);
-    let st = crate::weights::SafetensorsSet::open_files(&[rows_path])?;
-    let (n, h) = (ids.num_tokens(), model.config.hidden_size);
-    let embed = st.get_f32("embed_rows", &[n, h])?;
-    let head = if model.lm_head.is_some() { Some(st.get_f32("head_rows", &[n, h])?) } else { None };
-    model.write_token_rows(first, &embed, head.as_deref())?;
-    let lora = Lora::load_peft(&cfg.output_dir.join(ADAPTER_DIR), &model)?;
-    lora.merge_into(&mut model)?;
-    let p = Prepared { model, tok, ids };
-    let pb = builder(&p)?;
-    let trie = ItemTrie::new(&p.ids.all_token_ids(first))?;
-    let samples = subsample(&samples, cfg.data.max_eval_users, cfg.train.seed ^ 0x5EED);
-    let opts = BeamOptions { beam: cfg.eval.beam, top_k: cfg.eval.top_k.max(10).min(cfg.eval.beam), ..Default::default() };
+    let run = TrainedRun::load(cfg)?;
+    let samples = eval_samples(cfg, &run.split, split_name)?;
     let mut metrics = Metrics::default();
     let chunk = 8;
     for (ci, part) in samples.chunks(chunk).enumerate() {
-        let prompts = part.iter().map(|s| pb.prompt(&s.history)).collect::<Result<Vec<_>>>()?;
-        let recs = recommend(&p.model, &trie, &prompts, &opts)?;
+        let hists: Vec<&[u32]> = part.iter().map(|s| s.history.as_slice()).collect();
+        let recs = run.recommend(&hists)?;
         for (s, r) in part.iter().zip(&recs) {
-            let ranked: Vec<u32> = r.iter().map(|x| x.item).collect();
+            let ranked: Vec<u32> = r.iter().map(|x| x.0).collect();
             metrics.add(&ranked, s.target);
         }
         progress(((ci + 1) * chunk).min(samples.len()), samples.len());
     }
     Ok(metrics)
+}
+
+/// The SASRec baseline row: the run's CF model (trained when absent) evaluated by full ranking
+/// on the same users as [`run_eval`].
+pub fn run_sasrec(cfg: &RunConfig, split_name: &str, log: &mut dyn FnMut(&str)) -> Result<Metrics> {
+    let (ds, split) = load_split(cfg)?;
+    let sas = cf_model(cfg, &split, ds.items.len(), log)?;
+    let samples = eval_samples(cfg, &split, split_name)?;
+    sas.evaluate(&samples)
+}
+
+/// Items ranked by their number of training interactions (every item of a kept user's sequence
+/// but the last two), ties by lower id: the MostPop sanity baseline.
+pub fn most_popular(ds: &Dataset) -> Vec<u32> {
+    let mut count = vec![0usize; ds.items.len()];
+    for seq in ds.sequences.iter().filter(|s| s.len() >= super::data::MIN_INTERACTIONS) {
+        for &i in &seq[..seq.len() - 2] {
+            count[i as usize] += 1;
+        }
+    }
+    let mut order: Vec<u32> = (0..ds.items.len() as u32).collect();
+    order.sort_by(|&a, &b| count[b as usize].cmp(&count[a as usize]).then(a.cmp(&b)));
+    order
+}
+
+/// The MostPop row: the same ranking for every user, evaluated on the same users as
+/// [`run_eval`].
+pub fn run_most_popular(cfg: &RunConfig, split_name: &str) -> Result<Metrics> {
+    let (ds, split) = load_split(cfg)?;
+    let top: Vec<u32> = most_popular(&ds).into_iter().take(10).collect();
+    let mut m = Metrics::default();
+    for s in eval_samples(cfg, &split, split_name)? {
+        m.add(&top, s.target);
+    }
+    Ok(m)
 }
