@@ -167,3 +167,39 @@ fn most_popular_counts_training_interactions() {
     rest.sort_by_key(|r| idx[r]);
     assert_eq!(order, [vec!["b", "a"], rest].concat());
 }
+
+#[test]
+fn title_mode_end_to_end() {
+    let model = repo().join("weights/smollm2-135m");
+    if !model.join("config.json").exists() {
+        return skip("title_mode_end_to_end", "weights/smollm2-135m absent (run scripts/fetch-smollm2.sh)");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    write_dataset(tmp.path());
+    // Two items share a title and one title prefixes another: the trie still has one leaf each.
+    let item = std::fs::read_to_string(tmp.path().join("toy.item")).unwrap().replace("coffee cup", "tea cup").replace("new book", "old book shelf");
+    std::fs::write(tmp.path().join("toy.item"), item).unwrap();
+    let out = tmp.path().join("run");
+    let mut cfg = config(&model, tmp.path(), &out);
+    cfg.ids.kind = "title".into();
+    cfg.prompt = ilrec::rec::prompt::PromptTemplate { prefix: "Items: ".into(), separator: "; ".into(), suffix: "\nNext: ".into() };
+    cfg.train.epochs = 1.0;
+    let ds = ilrec::rec::data::load_recbole(tmp.path(), "toy").unwrap();
+    let names = ilrec::rec::pipeline::title_identifiers(&ds);
+    let idx = ds.item_index();
+    assert_eq!(names[idx["i8"] as usize], "tea cup");
+    assert_eq!(names[idx["i9"] as usize], "tea cup (2)");
+    let mut reports: Vec<StepReport> = Vec::new();
+    run_train(&cfg, &mut |_| {}, &mut |r| reports.push(r.clone())).unwrap();
+    assert_eq!(reports.len(), 8);
+    // Title tokens are item rows (ILRec terms), EOS a plain row.
+    assert!(reports.iter().all(|r| r.stats.cpo > 0.0 && r.stats.crr > 0.0 && r.stats.ce > 0.0));
+    assert!(!out.join("semantic_ids.json").exists(), "title mode adds no tokens");
+    let run = TrainedRun::load(&cfg).unwrap();
+    let recs = run.recommend(&[&[0, 1, 2]]).unwrap();
+    let mut items: Vec<u32> = recs[0].iter().map(|x| x.0).collect();
+    items.sort_unstable();
+    items.dedup();
+    assert_eq!(items.len(), 8, "8 distinct valid items from beam 8");
+    assert!(items.iter().all(|&i| i < 10));
+}

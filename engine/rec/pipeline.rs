@@ -49,7 +49,8 @@ impl Default for DataConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IdsConfig {
-    /// `semantic` (built by the engine) or `lcrec_index` (the data set's index.json).
+    /// `semantic` (built by the engine), `lcrec_index` (the data set's index.json) or `title`
+    /// (plain-text titles, BIGRec style: no new tokens, ILRec candidates = the whole vocabulary).
     pub kind: String,
     pub levels: usize,
     pub codes: usize,
@@ -224,12 +225,35 @@ fn subsample<T: Clone>(v: &[T], n: usize, seed: u64) -> Vec<T> {
     keep.into_iter().map(|i| v[i].clone()).collect()
 }
 
-/// Model and tokenizer with the item tokens added; the semantic IDs and the first new id.
-struct Prepared {
-    model: Model,
-    tok: TextTokenizer,
-    ids: SemanticIds,
-    template: PromptTemplate,
+/// Title mode (`ids.kind = "title"`, BIGRec style): items are named by their titles in plain
+/// text, no token is added, and ILRec's candidates are the whole vocabulary (ILREC.md section 2).
+fn title_mode(cfg: &RunConfig) -> bool {
+    cfg.ids.kind == "title"
+}
+
+/// Every item's title, made unique by appending " (2)", " (3)", ... to later repeats (in item
+/// order), since the trie needs one token sequence per item.
+pub fn title_identifiers(ds: &Dataset) -> Vec<String> {
+    let mut used = std::collections::HashSet::new();
+    ds.items
+        .iter()
+        .map(|it| {
+            let t = it.title.trim();
+            let mut name = t.to_string();
+            let mut k = 1;
+            while !used.insert(name.clone()) {
+                k += 1;
+                name = format!("{t} ({k})");
+            }
+            name
+        })
+        .collect()
+}
+
+/// The trie's item sequences: the identifier tokens, plus EOS in title mode, where a title can
+/// be a prefix of another (semantic IDs all have the same length).
+fn trie_items(pb: &PromptBuilder, title: bool) -> Vec<Vec<u32>> {
+    pb.item_tokens.iter().map(|t| if title { t.iter().copied().chain([pb.eos]).collect() } else { t.clone() }).collect()
 }
 
 fn semantic_ids(cfg: &RunConfig, ds: &Dataset, model: &Model, tok: &TextTokenizer, log: &mut dyn FnMut(&str)) -> Result<SemanticIds> {
@@ -265,7 +289,7 @@ fn semantic_ids(cfg: &RunConfig, ds: &Dataset, model: &Model, tok: &TextTokenize
             log(&format!("residual k-means: {} levels x {} codes", sc.levels, sc.codes));
             assign_semantic_ids(&emb, model.config.hidden_size, &sc)?
         }
-        o => return Err(Error::InvalidField { path: "config".into(), field: "ids.kind".into(), msg: format!("`{o}` (semantic | lcrec_index)") }),
+        o => return Err(Error::InvalidField { path: "config".into(), field: "ids.kind".into(), msg: format!("`{o}` (semantic | lcrec_index | title)") }),
     };
     if let Some(path) = &cfg.ids.cache {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -276,13 +300,12 @@ fn semantic_ids(cfg: &RunConfig, ds: &Dataset, model: &Model, tok: &TextTokenize
     Ok(ids)
 }
 
-fn builder(p: &Prepared) -> Result<PromptBuilder> {
-    let eos = p.tok.eos_id().or(p.model.config.eos_token_ids.first().copied()).ok_or_else(|| Error::Tokenizer {
+fn builder(model: &Model, tok: &TextTokenizer, template: &PromptTemplate, idents: &[String]) -> Result<PromptBuilder> {
+    let eos = tok.eos_id().or(model.config.eos_token_ids.first().copied()).ok_or_else(|| Error::Tokenizer {
         path: PathBuf::from("tokenizer_config.json"),
         msg: "no EOS token".into(),
     })?;
-    let idents: Vec<String> = (0..p.ids.num_items()).map(|i| p.ids.id_string(i)).collect();
-    PromptBuilder::new(&p.tok, &p.template, &idents, eos)
+    PromptBuilder::new(tok, template, idents, eos)
 }
 
 /// The configured model: loaded, truncated to `model_blocks` when set.
@@ -352,25 +375,33 @@ pub fn run_train(cfg: &RunConfig, log: &mut dyn FnMut(&str), on_step: &mut dyn F
     let mut tok = TextTokenizer::load(&cfg.model_dir)?;
     let (ds, split) = load_split(cfg)?;
     log(&format!("{}: {} users, {} items; {} train / {} valid / {} test samples", ds.name, ds.users.len(), ds.items.len(), split.train.len(), split.valid.len(), split.test.len()));
-    let ids = semantic_ids(cfg, &ds, &model, &tok, log)?;
-    let first = add_item_tokens(&mut model, &mut tok, &ids, cfg.ids.seed)?;
-    let p = Prepared { model, tok, ids, template: cfg.prompt.clone() };
-    let pb = builder(&p)?;
+    let title = title_mode(cfg);
+    let (ids, new, idents) = if title {
+        let first = tok.vocab_size() as u32;
+        (None, first..first, title_identifiers(&ds))
+    } else {
+        let ids = semantic_ids(cfg, &ds, &model, &tok, log)?;
+        let first = add_item_tokens(&mut model, &mut tok, &ids, cfg.ids.seed)?;
+        let idents = (0..ids.num_items()).map(|i| ids.id_string(i)).collect();
+        let new = first..first + ids.num_tokens() as u32;
+        (Some(ids), new, idents)
+    };
+    let pb = builder(&model, &tok, &cfg.prompt, &idents)?;
     let train = subsample(&split.train, cfg.data.max_train_samples, cfg.train.seed);
     let mut data = train.iter().map(|s: &Sample| pb.example(&s.history, s.target)).collect::<Result<Vec<Example>>>()?;
-    let new_tokens: Vec<u32> = (first..first + p.ids.num_tokens() as u32).collect();
-    let mut model = p.model;
-    let objective = cfg.objective(&model, new_tokens.clone())?;
+    let new_tokens: Vec<u32> = new.clone().collect();
+    let (first, candidates): (u32, Vec<u32>) = if title { (new.start, (0..model.config.vocab_size as u32).collect()) } else { (new.start, new_tokens.clone()) };
+    let objective = cfg.objective(&model, candidates.clone())?;
     if matches!(&objective, Objective::Ilrec { params, .. } if params.mu > 0.0) {
         let sas = cf_model(cfg, &split, ds.items.len(), log)?;
-        attach_rewards(&mut data, &train, &sas, &pb, &new_tokens)?;
+        attach_rewards(&mut data, &train, &sas, &pb, &candidates)?;
         log("CRR rewards computed from SASRec through the item trie");
     }
-    if cfg.ids.match_logits {
+    if cfg.ids.match_logits && !new.is_empty() {
         let probe = &data[..data.len().min(64)];
         let seqs: Vec<Vec<u32>> = probe.iter().map(|e| e.tokens.clone()).collect();
         let pos: Vec<Vec<usize>> = probe.iter().map(|e| e.loss_positions.clone()).collect();
-        let t = model.match_new_token_logits(first..first + new_tokens.len() as u32, &seqs, &pos)?;
+        let t = model.match_new_token_logits(new.clone(), &seqs, &pos)?;
         log(&format!("new token rows lifted to the vocabulary's log-sum-exp ({t:.2}) on {} samples", probe.len()));
     }
     let tokens: usize = data.iter().map(|e| e.tokens.len()).sum();
@@ -384,7 +415,9 @@ pub fn run_train(cfg: &RunConfig, log: &mut dyn FnMut(&str), on_step: &mut dyn F
         first as usize + new_tokens.len()
     ));
     std::fs::create_dir_all(&cfg.output_dir).map_err(|e| Error::io(&cfg.output_dir, e))?;
-    p.ids.save(&cfg.output_dir.join(SEMANTIC_IDS_FILE))?;
+    if let Some(ids) = &ids {
+        ids.save(&cfg.output_dir.join(SEMANTIC_IDS_FILE))?;
+    }
     let ckpt = cfg.output_dir.join("checkpoints");
     let mut tr = Trainer::new(&model, cfg.train.clone(), data.len(), new_tokens.clone())?;
     if tr.resume(&mut model, &ckpt)? {
@@ -399,6 +432,10 @@ pub fn run_train(cfg: &RunConfig, log: &mut dyn FnMut(&str), on_step: &mut dyn F
         }
     }
     tr.lora.save_peft(&cfg.output_dir.join(ADAPTER_DIR), &cfg.model_dir.display().to_string())?;
+    if new_tokens.is_empty() {
+        log(&format!("wrote {}", cfg.output_dir.display()));
+        return Ok(());
+    }
     let h = model.config.hidden_size;
     let rows: Vec<f32> = new_tokens.iter().flat_map(|&t| model.embed[t as usize * h..(t as usize + 1) * h].iter().copied()).collect();
     let mut tensors: Vec<(&str, Vec<usize>, Vec<f32>)> = vec![("embed_rows", vec![new_tokens.len(), h], rows)];
@@ -429,24 +466,29 @@ impl TrainedRun {
         let mut model = load_model(cfg)?;
         let mut tok = TextTokenizer::load(&cfg.model_dir)?;
         let (ds, split) = load_split(cfg)?;
-        let ids = SemanticIds::load(&cfg.output_dir.join(SEMANTIC_IDS_FILE))?;
-        if ids.num_items() != ds.items.len() {
-            return Err(Error::Input(format!("{} has {} items, the data set {}", cfg.output_dir.join(SEMANTIC_IDS_FILE).display(), ids.num_items(), ds.items.len())));
-        }
-        let first = add_item_tokens(&mut model, &mut tok, &ids, cfg.ids.seed)?;
-        let rows_path = cfg.output_dir.join(TOKEN_ROWS_FILE);
-        let st = crate::weights::SafetensorsSet::open_files(&[rows_path])?;
-        let (n, h) = (ids.num_tokens(), model.config.hidden_size);
-        let embed = st.get_f32("embed_rows", &[n, h])?;
-        let head = if model.lm_head.is_some() { Some(st.get_f32("head_rows", &[n, h])?) } else { None };
-        model.write_token_rows(first, &embed, head.as_deref())?;
+        let title = title_mode(cfg);
+        let idents = if title {
+            title_identifiers(&ds)
+        } else {
+            let ids = SemanticIds::load(&cfg.output_dir.join(SEMANTIC_IDS_FILE))?;
+            if ids.num_items() != ds.items.len() {
+                return Err(Error::Input(format!("{} has {} items, the data set {}", cfg.output_dir.join(SEMANTIC_IDS_FILE).display(), ids.num_items(), ds.items.len())));
+            }
+            let first = add_item_tokens(&mut model, &mut tok, &ids, cfg.ids.seed)?;
+            let rows_path = cfg.output_dir.join(TOKEN_ROWS_FILE);
+            let st = crate::weights::SafetensorsSet::open_files(&[rows_path])?;
+            let (n, h) = (ids.num_tokens(), model.config.hidden_size);
+            let embed = st.get_f32("embed_rows", &[n, h])?;
+            let head = if model.lm_head.is_some() { Some(st.get_f32("head_rows", &[n, h])?) } else { None };
+            model.write_token_rows(first, &embed, head.as_deref())?;
+            (0..ids.num_items()).map(|i| ids.id_string(i)).collect()
+        };
         let lora = Lora::load_peft(&cfg.output_dir.join(ADAPTER_DIR), &model)?;
         lora.merge_into(&mut model)?;
-        let trie = ItemTrie::new(&ids.all_token_ids(first))?;
-        let p = Prepared { model, tok, ids, template: cfg.prompt.clone() };
-        let prompts = builder(&p)?;
+        let prompts = builder(&model, &tok, &cfg.prompt, &idents)?;
+        let trie = ItemTrie::new(&trie_items(&prompts, title))?;
         let beam = BeamOptions { beam: cfg.eval.beam, top_k: cfg.eval.top_k.max(10).min(cfg.eval.beam), ..Default::default() };
-        Ok(TrainedRun { model: p.model, prompts, trie, dataset: ds, split, beam })
+        Ok(TrainedRun { model, prompts, trie, dataset: ds, split, beam })
     }
 
     /// Ranked recommendations (item index, score) for each history (dense item ids).
