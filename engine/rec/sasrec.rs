@@ -225,7 +225,8 @@ trait Real:
     const ONE: Self;
     fn of(x: f64) -> Self;
     fn to_f64(self) -> f64;
-    fn exp(self) -> Self;
+    /// `xs[i] = exp(xs[i] - shift)`; returns the sum of the new values.
+    fn exp_shift_sum(xs: &mut [Self], shift: Self) -> Self;
     fn sqrt(self) -> Self;
     /// `y[m, n] (+)= x[m, k] · w[n, k]^T` (contiguous rows).
     fn mm_nt(y: &mut [Self], x: &[Self], w: &[Self], m: usize, n: usize, k: usize, acc: bool);
@@ -244,8 +245,8 @@ impl Real for f32 {
     fn to_f64(self) -> f64 {
         self as f64
     }
-    fn exp(self) -> f32 {
-        exp_f32(self)
+    fn exp_shift_sum(xs: &mut [f32], shift: f32) -> f32 {
+        crate::backend::cpu::exp_shift_sum(xs, shift)
     }
     fn sqrt(self) -> f32 {
         f32::sqrt(self)
@@ -259,28 +260,6 @@ impl Real for f32 {
     fn mm_tn(y: &mut [f32], x: &[f32], w: &[f32], m: usize, n: usize, k: usize, acc: bool) {
         matmul_tn(y, n, x, m, w, n, m, n, k, acc)
     }
-}
-
-/// `e^x` in f32 without branches or calls, so loops over it vectorise: `x = n ln2 + r` with
-/// `|r| <= ln2 / 2` (two-constant reduction), `e^r` by its degree-6 Taylor polynomial (relative
-/// error below 2e-7), `2^n` through the exponent bits. Inputs are clamped to [-87, 88]
-/// (results below `e^-87` are not needed: softmax inputs are shifted to at most 0 and summed).
-#[inline(always)]
-fn exp_f32(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-                                     // Selects rather than `clamp`/`max`, which vectorise less well; NaN passes through.
-    let x = if x < -87.0 { -87.0 } else { x };
-    let x = if x > 88.0 { 88.0 } else { x };
-    let t = x * LOG2E + ROUND;
-    let n = t - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    // `t`'s low mantissa bits hold `n` (integer arithmetic, unlike a float-to-int cast).
-    let n = t.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
-    f32::from_bits(((n + 127) as u32) << 23) * p
 }
 
 wide! {
@@ -303,8 +282,7 @@ fn ce_rows_impl<T: Real>(logits: &mut [T], rows: &[usize], targets: &[u32], n: u
 fn xent_row<T: Real>(row: &mut [T], tgt: usize, inv: T, want: bool) -> f64 {
     let mx = max(row);
     let at_target = row[tgt];
-    row.iter_mut().for_each(|v| *v = (*v - mx).exp());
-    let s = sum(row);
+    let s = T::exp_shift_sum(row, mx);
     if want {
         let k = inv / s;
         row.iter_mut().for_each(|v| *v *= k);
@@ -322,8 +300,11 @@ impl Real for f64 {
     fn to_f64(self) -> f64 {
         self
     }
-    fn exp(self) -> f64 {
-        f64::exp(self)
+    fn exp_shift_sum(xs: &mut [f64], shift: f64) -> f64 {
+        xs.iter_mut().fold(0.0, |t, v| {
+            *v = (*v - shift).exp();
+            t + *v
+        })
     }
     fn sqrt(self) -> f64 {
         f64::sqrt(self)
@@ -861,11 +842,7 @@ fn attn_fwd_seq_impl<T: Real>(c: &AttnCtx<'_, T>, start: usize, n: usize, off: u
                 *s = dot(qi, &c.k[(start + j) * d + col..][..dh]) * c.scale;
             }
             let mx = max(&scores[..=i]);
-            let mut total = T::ZERO;
-            for s in scores[..=i].iter_mut() {
-                *s = (*s - mx).exp();
-                total += *s;
-            }
+            let total = T::exp_shift_sum(&mut scores[..=i], mx);
             let inv = T::ONE / total;
             let row = &mut pr[h * n * n + i * n..][..n];
             let o = &mut out[i * d + col..][..dh];

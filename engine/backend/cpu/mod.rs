@@ -12,3 +12,4 @@ pub use attention::{attention, AttentionShape};
 pub use backward::{attention_backward, rms_norm_backward, silu_mul_backward};
 pub use elementwise::{add_bias, add_inplace, rms_norm, rope_inplace, rope_tables, silu_mul};
 pub use matmul::{matmul_nn, matmul_nt, matmul_tn};
+pub use vexp::exp_shift_sum;
