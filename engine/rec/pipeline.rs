@@ -390,7 +390,7 @@ pub fn run_train(cfg: &RunConfig, log: &mut dyn FnMut(&str), on_step: &mut dyn F
     let train = subsample(&split.train, cfg.data.max_train_samples, cfg.train.seed);
     let mut data = train.iter().map(|s: &Sample| pb.example(&s.history, s.target)).collect::<Result<Vec<Example>>>()?;
     let new_tokens: Vec<u32> = new.clone().collect();
-    let (first, candidates): (u32, Vec<u32>) = if title { (new.start, (0..model.config.vocab_size as u32).collect()) } else { (new.start, new_tokens.clone()) };
+    let candidates: Vec<u32> = if title { (0..model.config.vocab_size as u32).collect() } else { new_tokens.clone() };
     let objective = cfg.objective(&model, candidates.clone())?;
     if matches!(&objective, Objective::Ilrec { params, .. } if params.mu > 0.0) {
         let sas = cf_model(cfg, &split, ds.items.len(), log)?;
@@ -406,13 +406,11 @@ pub fn run_train(cfg: &RunConfig, log: &mut dyn FnMut(&str), on_step: &mut dyn F
     }
     let tokens: usize = data.iter().map(|e| e.tokens.len()).sum();
     log(&format!(
-        "training {} on {} samples ({tokens} tokens, {} blocks; {} item tokens added, ids {}..{})",
+        "training {} on {} samples ({tokens} tokens, {} blocks; {} item tokens added, ids {new:?})",
         cfg.method,
         data.len(),
         model.config.num_layers,
         new_tokens.len(),
-        first,
-        first as usize + new_tokens.len()
     ));
     std::fs::create_dir_all(&cfg.output_dir).map_err(|e| Error::io(&cfg.output_dir, e))?;
     if let Some(ids) = &ids {
