@@ -1,4 +1,5 @@
 //! Device selection: `cpu`, `cuda` or `auto`.
+use crate::backend::cuda::Cuda;
 use crate::error::{Error, Result};
 use std::str::FromStr;
 
@@ -38,11 +39,30 @@ pub fn cuda_driver_present() -> bool {
 }
 
 impl DeviceRequest {
-    /// Resolves the request. `notice` receives one line when `auto` falls back to the CPU.
+    /// Opens the GPU for commands that run kernels directly (`ilrec selftest`, the benches):
+    /// `cpu` gives `None`; `cuda` gives the GPU or the error that prevents it; `auto` gives the GPU
+    /// when one opens, else `None` after one line to `notice` saying why.
+    pub fn open_cuda(self, notice: impl FnOnce(&str)) -> Result<Option<Cuda>> {
+        match self {
+            DeviceRequest::Cpu => Ok(None),
+            DeviceRequest::Cuda => Cuda::new(0).map(Some),
+            DeviceRequest::Auto => match Cuda::new(0) {
+                Ok(c) => Ok(Some(c)),
+                Err(e) => {
+                    notice(&format!("device auto: using the CPU ({e})"));
+                    Ok(None)
+                }
+            },
+        }
+    }
+
+    /// Resolves the request for the model commands. `notice` receives one line when `auto` falls
+    /// back to the CPU.
     pub fn resolve(self, notice: impl FnOnce(&str)) -> Result<Device> {
-        // The CUDA backend is not in this build yet: the CPU is the only executor.
+        // The model's forward, backward and decoding do not run on the CUDA backend yet (only
+        // the kernels and their checks do): the CPU is the only executor of whole models.
         let why = if cuda_driver_present() {
-            "the CUDA backend is not built into this version of ilrec"
+            "the model does not run on the CUDA backend yet; `ilrec selftest --device cuda` checks its kernels"
         } else {
             "no CUDA driver (libcuda) found on this machine"
         };

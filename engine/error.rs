@@ -56,9 +56,22 @@ pub enum Error {
     /// A numeric failure: NaN or Inf where a finite value is required.
     #[error("non-finite value in {0}")]
     NonFinite(String),
-    /// The requested device cannot be used.
+    /// The requested device cannot be used, or a device call failed.
     #[error("device: {0}")]
     Device(String),
+    /// The GPU has no room for a tensor, even after the allocator's cache was emptied.
+    #[error("CUDA out of memory allocating {bytes} bytes for {what} ({in_use} bytes in use by tensors, {cached} cached, driver reports {free} free of {total})")]
+    OutOfMemory {
+        what: String,
+        bytes: usize,
+        in_use: usize,
+        cached: usize,
+        free: usize,
+        total: usize,
+    },
+    /// A CUDA kernel failed to launch or was given operands it cannot take.
+    #[error("CUDA kernel `{kernel}` on {shape}: {msg}")]
+    Kernel { kernel: String, shape: String, msg: String },
 }
 
 /// Result alias used across the library.

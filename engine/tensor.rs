@@ -92,6 +92,14 @@ impl Tensor {
         }
     }
 
+    /// The bf16 elements, when stored as bf16.
+    pub fn as_bf16(&self) -> Option<&[bf16]> {
+        match &self.storage {
+            Storage::BF16(v) => Some(v),
+            Storage::F32(_) => None,
+        }
+    }
+
     /// The elements converted to f32 (a copy for bf16 storage).
     pub fn to_f32_vec(&self) -> Vec<f32> {
         match &self.storage {

@@ -3,6 +3,7 @@ mod generate;
 mod info;
 mod probe;
 mod rec;
+mod selftest;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -37,6 +38,9 @@ enum Cmd {
     Popularity(rec::EvalArgs),
     /// Recommend items for one history (or a data set user) with a trained run.
     Recommend(rec::RecommendArgs),
+    /// Check every CUDA kernel against the CPU reference and print a table (kernel, shape, error,
+    /// pass/fail, time).
+    Selftest(selftest::Args),
     /// Convert a GGUF file into an HF model directory (safetensors, config, tokenizer).
     ImportGguf {
         /// The .gguf file.
@@ -63,6 +67,7 @@ fn main() {
         Cmd::Sasrec(a) => rec::sasrec(a),
         Cmd::Popularity(a) => rec::popularity(a),
         Cmd::Recommend(a) => rec::recommend(a),
+        Cmd::Selftest(a) => selftest::run(a),
         Cmd::ImportGguf { gguf, out_dir } => import_gguf(&gguf, &out_dir),
     };
     if let Err(e) = res {

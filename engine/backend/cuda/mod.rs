@@ -1,0 +1,309 @@
+//! The CUDA backend: one device context and stream, the kernels of kernels/*.cu loaded from the
+//! fatbins build.rs embeds, a caching device allocator, and bf16/f32 device tensors.
+//!
+//! Nothing here may panic on a machine without a GPU: `Cuda::new` checks for the driver library
+//! before any cudarc call (cudarc panics when libcuda is absent) and maps every driver error to a
+//! typed `Error`. Out-of-memory errors name the tensor and its size; launch errors name the
+//! kernel and the shape it was launched on.
+//!
+//! Status: compiled, unverified on GPU until `ilrec selftest --device cuda` has run on one
+//! (docs/gpu-check.md).
+mod alloc;
+pub mod blas;
+pub mod ops;
+pub mod selftest;
+mod tensor;
+
+pub use alloc::{size_class, MemoryStats};
+pub use tensor::{DeviceTensor, Elem};
+
+use crate::backend::kernels::KERNELS;
+use crate::error::{Error, Result};
+use alloc::{AllocError, Pool};
+use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, CudaStream};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+/// A handle on one GPU: cheap to clone, shared by every tensor allocated from it.
+#[derive(Clone)]
+pub struct Cuda {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    name: String,
+    capability: (i32, i32),
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    pool: Mutex<Pool>,
+    blas: Mutex<Option<blas::Blas>>,
+}
+
+impl std::fmt::Debug for Cuda {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Cuda({}, sm_{}{})", self.inner.name, self.inner.capability.0, self.inner.capability.1)
+    }
+}
+
+/// A kernel argument. Pointers are raw device addresses (`DeviceTensor::ptr`); scalars have the
+/// width of the kernel's C parameter (`uint32_t` -> U32, `uint64_t` -> U64, `int` -> I32, ...).
+#[derive(Clone, Copy, Debug)]
+pub enum Arg {
+    Ptr(u64),
+    U32(u32),
+    U64(u64),
+    I32(i32),
+    F32(f32),
+    F64(f64),
+}
+
+impl Arg {
+    fn addr(&self) -> *mut c_void {
+        match self {
+            Arg::Ptr(v) | Arg::U64(v) => v as *const u64 as *mut c_void,
+            Arg::U32(v) => v as *const u32 as *mut c_void,
+            Arg::I32(v) => v as *const i32 as *mut c_void,
+            Arg::F32(v) => v as *const f32 as *mut c_void,
+            Arg::F64(v) => v as *const f64 as *mut c_void,
+        }
+    }
+}
+
+/// Grid, block and dynamic shared memory of one launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launch {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub shared_bytes: u32,
+}
+
+impl Launch {
+    /// One block of `block` threads per row.
+    pub fn rows(rows: usize, block: u32) -> Self {
+        Launch { grid: (rows as u32, 1, 1), block: (block, 1, 1), shared_bytes: 0 }
+    }
+    /// A grid-stride launch over `n` elements: blocks of 256, at most 8 waves' worth of blocks
+    /// (the kernels loop over the rest).
+    pub fn elements(n: usize) -> Self {
+        let blocks = n.div_ceil(256).clamp(1, 132 * 16);
+        Launch { grid: (blocks as u32, 1, 1), block: (256, 1, 1), shared_bytes: 0 }
+    }
+}
+
+fn driver(what: &str, e: result::DriverError) -> Error {
+    let name = e.error_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("{:?}", e.0));
+    Error::Device(format!("{what}: {name}"))
+}
+
+/// Runs `f`, turning a cudarc panic (a missing driver symbol, a library that fails to load) into
+/// an error instead of unwinding through the caller.
+fn no_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic in the CUDA driver bindings".into());
+            Err(Error::Device(format!("{what}: {msg}")))
+        }
+    }
+}
+
+impl Cuda {
+    /// Opens GPU `ordinal`. Fails with `Error::Device` (never a panic) when there is no driver,
+    /// no such GPU, or the kernels cannot be loaded on it.
+    pub fn new(ordinal: usize) -> Result<Cuda> {
+        if !crate::device::cuda_driver_present() {
+            return Err(Error::Device("no CUDA driver (libcuda) found on this machine".into()));
+        }
+        no_panic("opening the CUDA device", || {
+            let count = CudaContext::device_count().map_err(|e| driver("counting CUDA devices", e))?;
+            if count <= 0 {
+                return Err(Error::Device("the CUDA driver reports no GPU".into()));
+            }
+            if ordinal >= count as usize {
+                return Err(Error::Device(format!("GPU {ordinal} requested but only {count} present")));
+            }
+            let ctx = CudaContext::new(ordinal).map_err(|e| driver("creating the CUDA context", e))?;
+            let name = ctx.name().map_err(|e| driver("reading the GPU name", e))?;
+            let capability = ctx.compute_capability().map_err(|e| driver("reading the compute capability", e))?;
+            if capability.0 < 8 {
+                return Err(Error::Device(format!(
+                    "{name} has compute capability {}.{}; the kernels need 8.0 or newer (bf16)",
+                    capability.0, capability.1
+                )));
+            }
+            let stream = ctx.default_stream();
+            let cuda = Cuda {
+                inner: Arc::new(Inner {
+                    ctx,
+                    stream,
+                    name,
+                    capability,
+                    modules: Mutex::new(HashMap::new()),
+                    functions: Mutex::new(HashMap::new()),
+                    pool: Mutex::new(Pool::default()),
+                    blas: Mutex::new(None),
+                }),
+            };
+            // Load every fatbin now: a module the driver cannot load (a PTX version newer than
+            // the driver, a missing architecture) is an error here, not at the first launch.
+            for (stem, _) in KERNELS {
+                cuda.module(stem)?;
+            }
+            Ok(cuda)
+        })
+    }
+
+    /// The GPU's name as the driver reports it.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Compute capability (major, minor).
+    pub fn capability(&self) -> (i32, i32) {
+        self.inner.capability
+    }
+
+    /// Whether the build embedded any kernels (false in a CPU-only build without nvcc).
+    pub fn has_kernels() -> bool {
+        !KERNELS.is_empty()
+    }
+
+    pub(crate) fn bind(&self) -> Result<()> {
+        self.inner.ctx.bind_to_thread().map_err(|e| driver("binding the CUDA context", e))
+    }
+
+    pub(crate) fn cu_stream(&self) -> sys::CUstream {
+        self.inner.stream.cu_stream()
+    }
+
+    fn module(&self, stem: &'static str) -> Result<Arc<CudaModule>> {
+        let mut modules = self.inner.modules.lock().expect("module cache poisoned");
+        if let Some(m) = modules.get(stem) {
+            return Ok(m.clone());
+        }
+        let bytes = KERNELS.iter().find(|(s, _)| *s == stem).map(|(_, b)| *b).ok_or_else(|| {
+            Error::Device(format!(
+                "kernels/{stem}.cu is not in this build (built without nvcc? see kernels/README.md)"
+            ))
+        })?;
+        let m = self
+            .inner
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(bytes.to_vec()))
+            .map_err(|e| driver(&format!("loading kernels/{stem}.cu"), e))?;
+        modules.insert(stem, m.clone());
+        Ok(m)
+    }
+
+    fn function(&self, stem: &'static str, kernel: &'static str) -> Result<CudaFunction> {
+        if let Some(f) = self.inner.functions.lock().expect("function cache poisoned").get(kernel) {
+            return Ok(f.clone());
+        }
+        let f = self
+            .module(stem)?
+            .load_function(kernel)
+            .map_err(|e| driver(&format!("kernel `{kernel}` in kernels/{stem}.cu"), e))?;
+        self.inner.functions.lock().expect("function cache poisoned").insert(kernel, f.clone());
+        Ok(f)
+    }
+
+    /// Queues `kernel` (from kernels/`stem`.cu) on the stream. `shape` describes the operands for
+    /// the error message. Launch-configuration errors surface here; faults inside the kernel
+    /// surface at the next `sync`.
+    ///
+    /// # Safety
+    /// `args` must match the kernel's C signature in number, order and width, and every pointer
+    /// must address device memory large enough for what the kernel reads and writes with this
+    /// launch shape (the launchers in `ops` check shapes before calling this).
+    pub unsafe fn launch(&self, stem: &'static str, kernel: &'static str, cfg: Launch, args: &[Arg], shape: &dyn Fn() -> String) -> Result<()> {
+        let f = self.function(stem, kernel)?;
+        self.bind()?;
+        let vals: Vec<Arg> = args.to_vec();
+        let mut ptrs: Vec<*mut c_void> = vals.iter().map(Arg::addr).collect();
+        // SAFETY: `ptrs` point into `vals`, alive until the call returns (the driver copies the
+        // argument values at launch); the caller vouches for the signature and the memory.
+        let r = unsafe {
+            result::launch_kernel(f.cu_function(), cfg.grid, cfg.block, cfg.shared_bytes, self.cu_stream(), &mut ptrs)
+        };
+        r.map_err(|e| Error::Kernel {
+            kernel: kernel.to_string(),
+            shape: shape(),
+            msg: format!("launch {:?}x{:?}: {}", cfg.grid, cfg.block, driver("", e)),
+        })
+    }
+
+    /// Waits for every queued kernel and copy; a fault in any of them is reported here.
+    pub fn sync(&self) -> Result<()> {
+        self.bind()?;
+        self.inner.stream.synchronize().map_err(|e| driver("synchronising the CUDA stream", e))
+    }
+
+    /// Allocator counters.
+    pub fn memory(&self) -> MemoryStats {
+        self.inner.pool.lock().expect("allocator poisoned").stats
+    }
+
+    /// Restarts the peak counters from the current values (per-phase peaks).
+    pub fn reset_peak(&self) {
+        let mut p = self.inner.pool.lock().expect("allocator poisoned");
+        p.stats.peak_in_use = p.stats.in_use;
+        p.stats.peak_reserved = p.stats.reserved;
+    }
+
+    /// Returns every cached block to the driver (after waiting for queued work).
+    pub fn empty_cache(&self) -> Result<()> {
+        self.sync()?;
+        self.inner.pool.lock().expect("allocator poisoned").release_cached().map_err(|e| driver("freeing cached blocks", e))
+    }
+
+    /// Free and total device memory as the driver sees it.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.bind()?;
+        result::mem_get_info().map_err(|e| driver("querying device memory", e))
+    }
+
+    /// Raw allocation of `bytes` for `what` (named in the out-of-memory error).
+    pub(crate) fn alloc_raw(&self, bytes: usize, what: &dyn Fn() -> String) -> Result<(u64, usize)> {
+        self.bind()?;
+        let class = size_class(bytes);
+        let mut pool = self.inner.pool.lock().expect("allocator poisoned");
+        match pool.alloc(class) {
+            Ok(p) => Ok((p, class)),
+            Err(AllocError::OutOfMemory) => {
+                let (free, total) = result::mem_get_info().unwrap_or((0, 0));
+                Err(Error::OutOfMemory {
+                    what: what(),
+                    bytes,
+                    in_use: pool.stats.in_use,
+                    cached: pool.cached(),
+                    free,
+                    total,
+                })
+            }
+            Err(AllocError::Driver(e)) => Err(driver(&format!("allocating {bytes} bytes for {}", what()), e)),
+        }
+    }
+
+    pub(crate) fn free_raw(&self, ptr: u64, class: usize) {
+        if let Ok(mut pool) = self.inner.pool.lock() {
+            pool.free(ptr, class);
+        }
+    }
+
+    /// The cuBLAS handle, created on first use; `None` when libcublas cannot be loaded (the
+    /// hand-written fallback GEMM is used then).
+    pub(crate) fn with_blas<T>(&self, f: impl FnOnce(Option<&blas::Blas>) -> Result<T>) -> Result<T> {
+        let mut guard = self.inner.blas.lock().expect("cuBLAS handle poisoned");
+        if guard.is_none() {
+            *guard = blas::Blas::new(self)?;
+        }
+        f(guard.as_ref())
+    }
+}
