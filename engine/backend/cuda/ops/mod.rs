@@ -2,6 +2,7 @@
 //! and returns `Error::Kernel` naming the kernel and the shapes when they do not fit, so an unsafe
 //! launch only ever sees operands the kernel's layout comment allows. Launchers queue work on the
 //! runtime's stream and return without waiting.
+pub mod attention;
 pub mod elementwise;
 pub mod embedding;
 pub mod optim;

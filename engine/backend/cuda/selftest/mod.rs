@@ -6,6 +6,7 @@
 //! paths, 1e-2 for bf16 paths (docs/gpu-check.md).
 //!
 //! `ilrec selftest` prints these rows as a table; tests/cuda_kernels.rs asserts every row passes.
+mod attention;
 mod elementwise;
 mod embedding;
 mod gemm;
@@ -115,6 +116,7 @@ pub fn run(cuda: &Cuda, seed: u64, full: bool) -> Result<Vec<CheckRow>> {
     optim::check(&mut c)?;
     softmax::check(&mut c)?;
     gemm::check(&mut c)?;
+    attention::check(&mut c)?;
     let _ = full;
     Ok(c.rows)
 }
