@@ -215,6 +215,45 @@ fn head_row_grads(dst: &mut [f32], dlogits: &[f32], n_cols: usize, cols: impl Fn
     }
 }
 
+/// Checks a micro-batch against the model, the adapter and the objective, and returns the slot
+/// of each vocabulary id in the token-row gradients (`u32::MAX`: not trainable). Shared by the
+/// CPU and CUDA training passes.
+pub(crate) fn check_micro_batch(model: &Model, lora: &Lora, tb: &TrainBatch, objective: &Objective, trainable_tokens: &[u32]) -> Result<Vec<u32>> {
+    let c = &model.config;
+    let batch = &tb.batch;
+    let (bsz, t) = (batch.batch, batch.seq);
+    let n = bsz * t;
+    if batch.tokens.len() != n || batch.mask.len() != n || n == 0 {
+        return Err(Error::Input(format!("train batch {bsz}x{t} has {} tokens and {} mask entries", batch.tokens.len(), batch.mask.len())));
+    }
+    if lora.blocks.len() != c.num_layers {
+        return Err(Error::Input(format!("adapter has {} blocks, the model {}", lora.blocks.len(), c.num_layers)));
+    }
+    let m = tb.positions.len();
+    if tb.targets.len() != m || tb.item_mask.len() != m {
+        return Err(Error::Input(format!("{m} loss positions but {} targets and {} item flags", tb.targets.len(), tb.item_mask.len())));
+    }
+    if let Some(&p) = tb.positions.iter().find(|&&p| p >= n || !batch.mask[p]) {
+        return Err(Error::Input(format!("loss position {p} is padding or outside the {bsz}x{t} batch")));
+    }
+    if let Some(&tok) = batch.tokens.iter().find(|&&x| x as usize >= c.vocab_size) {
+        return Err(Error::Input(format!("token id {tok} is outside the vocabulary ({})", c.vocab_size)));
+    }
+    let mut slot = vec![u32::MAX; c.vocab_size];
+    for (i, &tok) in trainable_tokens.iter().enumerate() {
+        if tok as usize >= c.vocab_size {
+            return Err(Error::Input(format!("trainable token {tok} is outside the vocabulary ({})", c.vocab_size)));
+        }
+        slot[tok as usize] = i as u32;
+    }
+    if let Objective::Ilrec { layers, .. } = objective {
+        if let Some(&l) = layers.iter().find(|&&l| l == 0 || l > c.num_layers) {
+            return Err(Error::Input(format!("probe block {l} does not exist: blocks are 1..={}", c.num_layers)));
+        }
+    }
+    Ok(slot)
+}
+
 /// Forward, loss and backward of one micro-batch. `trainable_tokens` are vocabulary ids whose
 /// embedding (and untied LM-head) rows are trained; `norm` is the number of response tokens of
 /// the whole accumulated batch. Dropout draws from `rng` when `train` is set.
@@ -233,30 +272,8 @@ pub fn forward_backward(
     let batch = &tb.batch;
     let (bsz, t, h) = (batch.batch, batch.seq, c.hidden_size);
     let n = bsz * t;
-    if batch.tokens.len() != n || batch.mask.len() != n || n == 0 {
-        return Err(Error::Input(format!("train batch {bsz}x{t} has {} tokens and {} mask entries", batch.tokens.len(), batch.mask.len())));
-    }
-    if lora.blocks.len() != c.num_layers {
-        return Err(Error::Input(format!("adapter has {} blocks, the model {}", lora.blocks.len(), c.num_layers)));
-    }
     let m = tb.positions.len();
-    if tb.targets.len() != m || tb.item_mask.len() != m {
-        return Err(Error::Input(format!("{m} loss positions but {} targets and {} item flags", tb.targets.len(), tb.item_mask.len())));
-    }
-    if let Some(&p) = tb.positions.iter().find(|&&p| p >= n || !batch.mask[p]) {
-        return Err(Error::Input(format!("loss position {p} is padding or outside the {bsz}x{t} batch")));
-    }
-    if let Some(&tok) = batch.tokens.iter().find(|&&x| x as usize >= c.vocab_size) {
-        return Err(Error::Input(format!("token id {tok} is outside the vocabulary ({})", c.vocab_size)));
-    }
-    // Slot of each trainable token id in the row-gradient tensors.
-    let mut slot = vec![u32::MAX; c.vocab_size];
-    for (i, &tok) in trainable_tokens.iter().enumerate() {
-        if tok as usize >= c.vocab_size {
-            return Err(Error::Input(format!("trainable token {tok} is outside the vocabulary ({})", c.vocab_size)));
-        }
-        slot[tok as usize] = i as u32;
-    }
+    let slot = check_micro_batch(model, lora, tb, objective, trainable_tokens)?;
     let ctx = Ctx { lora, scale: lora.config.scale(), dropout: if train { lora.config.dropout } else { 0.0 } };
     let (pos, _) = positions(batch, &vec![0; bsz]);
     let (cos, sin) = cpu::rope_tables(&pos, c.head_dim, c.rope_theta);
@@ -317,9 +334,6 @@ pub fn forward_backward(
     let (stats, d_final) = match objective {
         Objective::Sft => sft_loss(&logits, v, &tb.targets, norm)?,
         Objective::Ilrec { params, layers, candidates } => {
-            if let Some(&l) = layers.iter().find(|&&l| l == 0 || l > c.num_layers) {
-                return Err(Error::Input(format!("probe block {l} does not exist: blocks are 1..={}", c.num_layers)));
-            }
             let (rows_s, s) = model.gather_head_rows(Some(candidates));
             let mut probe_normed = Vec::with_capacity(layers.len());
             let mut probe_logits = Vec::with_capacity(layers.len());

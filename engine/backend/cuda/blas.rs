@@ -136,6 +136,13 @@ pub fn fallback_gemm(cuda: &Cuda, c: &mut DeviceTensor, a: &DeviceTensor, b: &De
     if d.m == 0 || d.n == 0 {
         return Ok(());
     }
+    if d.m.div_ceil(32) > 65_535 {
+        return Err(Error::Kernel {
+            kernel: "gemm".into(),
+            shape: format!("C{:?} A{:?} B{:?}", c.shape(), a.shape(), b.shape()),
+            msg: format!("{} rows exceed the fallback GEMM's grid (at most 2,097,120)", d.m),
+        });
+    }
     let kernel = match (a.elem(), c.elem()) {
         (Elem::F32, _) => "gemm_f32",
         (Elem::BF16, Elem::F32) => "gemm_bf16_f32",

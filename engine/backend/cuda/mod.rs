@@ -10,7 +10,9 @@
 //! (docs/gpu-check.md).
 mod alloc;
 pub mod blas;
+pub mod model;
 pub mod ops;
+pub mod train;
 pub mod selftest;
 mod tensor;
 

@@ -198,6 +198,49 @@ impl DeviceTensor {
         &self.cuda
     }
 
+    /// A copy in fresh device memory (queued on the stream).
+    pub fn try_clone(&self, what: &str) -> Result<Self> {
+        let t = Self::empty(&self.cuda, &self.shape, self.elem, what)?;
+        if self.nbytes() > 0 {
+            // SAFETY: both blocks hold nbytes(); the copy is queued on the runtime's stream.
+            unsafe { result::memcpy_dtod_async(t.ptr, self.ptr, self.nbytes(), self.cuda.cu_stream()) }
+                .map_err(|e| Error::Device(format!("copying {self:?} for {what}: {e}")))?;
+        }
+        Ok(t)
+    }
+
+    /// Overwrites whole rows of a 2-D f32 or bf16 tensor from host f32 data (`[rows.len(), cols]`;
+    /// rounded to bf16 for a bf16 tensor). Fails on a row index outside the tensor.
+    pub fn write_rows(&mut self, rows: &[u32], data: &[f32]) -> Result<()> {
+        let &[n_rows, cols] = self.shape.as_slice() else {
+            return Err(Error::Input(format!("write_rows on {self:?}: not a matrix")));
+        };
+        if data.len() != rows.len() * cols {
+            return Err(Error::Input(format!("write_rows on {self:?}: {} rows need {} values, got {}", rows.len(), rows.len() * cols, data.len())));
+        }
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= n_rows) {
+            return Err(Error::Input(format!("write_rows on {self:?}: row {r} is outside the tensor")));
+        }
+        self.cuda.bind()?;
+        let stream = self.cuda.cu_stream();
+        for (i, &r) in rows.iter().enumerate() {
+            let src = &data[i * cols..(i + 1) * cols];
+            let dst = self.ptr + (r as usize * cols * self.elem.size()) as u64;
+            // SAFETY: row r < n_rows, so the row's bytes lie inside the block; a pageable-source
+            // async copy has staged `src`/`b` when it returns.
+            let res = match self.elem {
+                Elem::F32 => unsafe { result::memcpy_htod_async(dst, src, stream) },
+                Elem::BF16 => {
+                    let b: Vec<bf16> = src.iter().map(|&x| bf16::from_f32(x)).collect();
+                    unsafe { result::memcpy_htod_async(dst, &b, stream) }
+                }
+                other => return Err(Error::Input(format!("write_rows on {self:?}: {other:?} is not a float tensor"))),
+            };
+            res.map_err(|e| Error::Device(format!("writing row {r} of {self:?}: {e}")))?;
+        }
+        Ok(())
+    }
+
     /// The same storage under another shape with the same element count.
     pub fn reshape(mut self, shape: &[usize]) -> Result<Self> {
         if shape.iter().product::<usize>() != self.numel() {

@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod elementwise;
 pub mod embedding;
+pub mod kv;
 pub mod optim;
 pub mod softmax;
 

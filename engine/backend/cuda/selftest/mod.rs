@@ -10,6 +10,7 @@ mod attention;
 mod elementwise;
 mod embedding;
 mod gemm;
+mod model;
 mod optim;
 mod softmax;
 
@@ -117,7 +118,9 @@ pub fn run(cuda: &Cuda, seed: u64, full: bool) -> Result<Vec<CheckRow>> {
     softmax::check(&mut c)?;
     gemm::check(&mut c)?;
     attention::check(&mut c)?;
-    let _ = full;
+    if full {
+        model::check(&mut c)?;
+    }
     Ok(c.rows)
 }
 

@@ -1,0 +1,365 @@
+//! The model's forward pass on the GPU: the CPU forward (engine/model/forward.rs) op for op,
+//! with weights resident on the device in f32 or bf16 and activations in f32. With bf16 weights
+//! the GEMM inputs are rounded to bf16 (cast kernels) and accumulate in f32; with f32 weights every
+//! op is f32 and the result matches the CPU to f32 rounding.
+//!
+//! This is the simple end-to-end path the CUDA issue asks for before the fused kernels land: it
+//! uses the plain attention kernel, cuBLAS (or the fallback GEMM) for every projection, and the
+//! element-wise kernels; LoRA adapters must be merged into the weights first (`Lora::merge_into`).
+//!
+//! Status: compiled, unverified on GPU (checked by `ilrec selftest --full` against the CPU forward).
+use super::ops::{attention, elementwise as ew, embedding, kv, matmul, Gemm};
+use super::{Cuda, DeviceTensor, Elem};
+use crate::backend::cpu::{self, AttentionShape};
+use crate::error::{Error, Result};
+use crate::model::{positions, Batch, ForwardOptions, ForwardOutput, LogitsMode, Model};
+use crate::tensor::Tensor;
+
+/// A linear layer's device weights.
+pub(crate) struct DLinear {
+    pub(crate) w: DeviceTensor,
+    pub(crate) b: Option<DeviceTensor>,
+    pub(crate) out_dim: usize,
+}
+
+pub(crate) struct DBlock {
+    pub(crate) input_norm: DeviceTensor,
+    pub(crate) q: DLinear,
+    pub(crate) k: DLinear,
+    pub(crate) v: DLinear,
+    pub(crate) o: DLinear,
+    pub(crate) post_norm: DeviceTensor,
+    pub(crate) gate: DLinear,
+    pub(crate) up: DLinear,
+    pub(crate) down: DLinear,
+}
+
+/// A model's weights on the GPU.
+pub struct CudaModel {
+    cuda: Cuda,
+    config: crate::model::ModelConfig,
+    /// Element type of the projection weights (f32 or bf16); norms, biases and activations are f32.
+    weights: Elem,
+    embed: DeviceTensor,
+    blocks: Vec<DBlock>,
+    norm: DeviceTensor,
+    /// The LM head (`[vocab, hidden]`): the embedding again when tied.
+    head: Option<DeviceTensor>,
+}
+
+/// Keys and values of every token seen so far, on the device (`[batch, kv_heads, cap, d]` f32 per
+/// block), with the padding mask and real-token counts on the host (they decide RoPE positions
+/// and the key mask, both uploaded per call).
+pub struct CudaKvCache {
+    k: Vec<DeviceTensor>,
+    v: Vec<DeviceTensor>,
+    mask: Vec<bool>,
+    real: Vec<usize>,
+    len: usize,
+    cap: usize,
+    batch: usize,
+}
+
+impl CudaKvCache {
+    /// Tokens stored per sequence (padding included).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Tokens per sequence the cache can hold (fixed at creation).
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+}
+
+fn upload(cuda: &Cuda, shape: &[usize], v: &[f32], elem: Elem, what: &str) -> Result<DeviceTensor> {
+    match elem {
+        Elem::BF16 => DeviceTensor::from_f32_as_bf16(cuda, shape, v, what),
+        _ => DeviceTensor::from_f32(cuda, shape, v, what),
+    }
+}
+
+fn dlinear(cuda: &Cuda, l: &crate::model::Linear, elem: Elem, what: &str) -> Result<DLinear> {
+    Ok(DLinear {
+        w: upload(cuda, &[l.out_dim, l.in_dim], &l.w, elem, what)?,
+        b: l.b.as_ref().map(|b| DeviceTensor::from_f32(cuda, &[l.out_dim], b, what)).transpose()?,
+        out_dim: l.out_dim,
+    })
+}
+
+impl CudaModel {
+    /// Copies `model`'s weights to the GPU; projection weights (and the embedding / LM head) in
+    /// `weights` (f32 or bf16).
+    pub fn upload(cuda: &Cuda, model: &Model, weights: Elem) -> Result<CudaModel> {
+        if !matches!(weights, Elem::F32 | Elem::BF16) {
+            return Err(Error::Input(format!("model weights on the GPU are f32 or bf16, not {weights:?}")));
+        }
+        let c = &model.config;
+        let h = c.hidden_size;
+        let blocks = model
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(l, b)| {
+                let p = format!("model.layers.{l}");
+                Ok(DBlock {
+                    input_norm: DeviceTensor::from_f32(cuda, &[h], &b.input_norm, &format!("{p}.input_layernorm"))?,
+                    q: dlinear(cuda, &b.q, weights, &format!("{p}.self_attn.q_proj"))?,
+                    k: dlinear(cuda, &b.k, weights, &format!("{p}.self_attn.k_proj"))?,
+                    v: dlinear(cuda, &b.v, weights, &format!("{p}.self_attn.v_proj"))?,
+                    o: dlinear(cuda, &b.o, weights, &format!("{p}.self_attn.o_proj"))?,
+                    post_norm: DeviceTensor::from_f32(cuda, &[h], &b.post_norm, &format!("{p}.post_attention_layernorm"))?,
+                    gate: dlinear(cuda, &b.gate, weights, &format!("{p}.mlp.gate_proj"))?,
+                    up: dlinear(cuda, &b.up, weights, &format!("{p}.mlp.up_proj"))?,
+                    down: dlinear(cuda, &b.down, weights, &format!("{p}.mlp.down_proj"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let head = model.lm_head.as_ref().map(|l| upload(cuda, &[c.vocab_size, h], &l.w, weights, "lm_head")).transpose()?;
+        Ok(CudaModel {
+            cuda: cuda.clone(),
+            config: c.clone(),
+            weights,
+            embed: upload(cuda, &[c.vocab_size, h], &model.embed, weights, "model.embed_tokens")?,
+            blocks,
+            norm: DeviceTensor::from_f32(cuda, &[h], &model.norm, "model.norm")?,
+            head,
+        })
+    }
+
+    /// The LM head (the embedding when tied).
+    pub(crate) fn head(&self) -> &DeviceTensor {
+        self.head.as_ref().unwrap_or(&self.embed)
+    }
+    pub(crate) fn embed(&self) -> &DeviceTensor {
+        &self.embed
+    }
+    pub(crate) fn blocks(&self) -> &[DBlock] {
+        &self.blocks
+    }
+    pub(crate) fn final_norm(&self) -> &DeviceTensor {
+        &self.norm
+    }
+    /// Element type of the projection weights.
+    pub fn weights(&self) -> Elem {
+        self.weights
+    }
+    pub fn cuda(&self) -> &Cuda {
+        &self.cuda
+    }
+
+    /// Overwrites the embedding (and untied LM-head) rows of `tokens` (`[tokens, hidden]` each),
+    /// after an optimiser step on the trainable token rows.
+    pub fn write_token_rows(&mut self, tokens: &[u32], embed_rows: &[f32], head_rows: Option<&[f32]>) -> Result<()> {
+        self.embed.write_rows(tokens, embed_rows)?;
+        match (&mut self.head, head_rows) {
+            (Some(head), Some(rows)) => head.write_rows(tokens, rows),
+            (None, None) => Ok(()),
+            (Some(_), None) => Err(Error::Input("the model has an untied LM head: its trainable rows are required".into())),
+            (None, Some(_)) => Err(Error::Input("the LM head is tied to the embedding: there are no separate head rows".into())),
+        }
+    }
+
+    /// An empty cache for `batch` sequences of up to `cap` tokens.
+    pub fn new_cache(&self, batch: usize, cap: usize) -> Result<CudaKvCache> {
+        let c = &self.config;
+        let shape = [batch, c.num_kv_heads, cap, c.head_dim];
+        let mut k = Vec::with_capacity(c.num_layers);
+        let mut v = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            k.push(DeviceTensor::zeros(&self.cuda, &shape, Elem::F32, &format!("KV cache keys, block {}", l + 1))?);
+            v.push(DeviceTensor::zeros(&self.cuda, &shape, Elem::F32, &format!("KV cache values, block {}", l + 1))?);
+        }
+        Ok(CudaKvCache { k, v, mask: vec![false; batch * cap], real: vec![0; batch], len: 0, cap, batch })
+    }
+
+    /// The whole padded batch from scratch.
+    pub fn forward(&self, batch: &Batch, opts: &ForwardOptions) -> Result<ForwardOutput> {
+        let mut cache = self.new_cache(batch.batch, batch.seq)?;
+        self.forward_cached(batch, &mut cache, opts)
+    }
+
+    /// A linear layer on f32 activations `x` (`[rows, in]`): `y = x W^T + b`, with `x` rounded to
+    /// the weights' type first.
+    pub(crate) fn linear(&self, y: &mut DeviceTensor, x: &DeviceTensor, l: &DLinear, rows: usize) -> Result<()> {
+        let x_in = self.gemm_input(x, rows)?;
+        matmul(&self.cuda, y, x_in.as_ref().unwrap_or(x), &l.w, Gemm::NT)?;
+        if let Some(b) = &l.b {
+            ew::add_bias(&self.cuda, y, b)?;
+        }
+        debug_assert_eq!(y.shape()[1], l.out_dim);
+        Ok(())
+    }
+
+    /// `x` as the GEMM's A operand: itself with f32 weights, a bf16 copy with bf16 weights.
+    pub(crate) fn gemm_input(&self, x: &DeviceTensor, rows: usize) -> Result<Option<DeviceTensor>> {
+        if self.weights == Elem::F32 {
+            return Ok(None);
+        }
+        let cols = x.numel() / rows.max(1);
+        let mut r = DeviceTensor::empty(&self.cuda, &[rows, cols], Elem::BF16, "bf16 GEMM input")?;
+        ew::cast(&self.cuda, &mut r, x)?;
+        Ok(Some(r))
+    }
+
+    /// `RMSNorm_final(x) rows^T` on the device (`x` `[n, hidden]` f32, `rows` `[m, hidden]`).
+    fn project(&self, x: &DeviceTensor, n: usize, rows: &DeviceTensor) -> Result<DeviceTensor> {
+        let h = self.config.hidden_size;
+        let mut normed = DeviceTensor::empty(&self.cuda, &[n, h], Elem::F32, "final-norm output")?;
+        ew::rms_norm(&self.cuda, &mut normed, x, &self.norm, None, self.config.rms_norm_eps)?;
+        self.logits_of(&normed, n, rows)
+    }
+
+    /// `normed rows^T` (`[n, m]` f32) for already normed f32 rows `normed` (`[n, hidden]`) and
+    /// LM-head rows `rows` (`[m, hidden]`, in the weights' type).
+    pub(crate) fn logits_of(&self, normed: &DeviceTensor, n: usize, rows: &DeviceTensor) -> Result<DeviceTensor> {
+        let m = rows.shape()[0];
+        let mut logits = DeviceTensor::empty(&self.cuda, &[n, m], Elem::F32, "logits")?;
+        let a = self.gemm_input(normed, n)?;
+        matmul(&self.cuda, &mut logits, a.as_ref().unwrap_or(normed), rows, Gemm::NT)?;
+        Ok(logits)
+    }
+
+    /// The backward of `logits_of` w.r.t. its input: `dlogits rows` (`[n, hidden]` f32).
+    pub(crate) fn input_grad_of(&self, dlogits: &DeviceTensor, n: usize, rows: &DeviceTensor) -> Result<DeviceTensor> {
+        let h = rows.shape()[1];
+        let mut dn = DeviceTensor::empty(&self.cuda, &[n, h], Elem::F32, "normed-row gradients")?;
+        let a = self.gemm_input(dlogits, n)?;
+        matmul(&self.cuda, &mut dn, a.as_ref().unwrap_or(dlogits), rows, Gemm::NN)?;
+        Ok(dn)
+    }
+
+    /// Runs `batch` as the continuation of what `cache` holds (see `Model::forward_cached`; same
+    /// inputs, same outputs up to rounding).
+    pub fn forward_cached(&self, batch: &Batch, cache: &mut CudaKvCache, opts: &ForwardOptions) -> Result<ForwardOutput> {
+        let c = &self.config;
+        let cu = &self.cuda;
+        let (bsz, t, h) = (batch.batch, batch.seq, c.hidden_size);
+        let n = bsz * t;
+        if batch.tokens.len() != n || batch.mask.len() != n || n == 0 {
+            return Err(Error::Input(format!("batch {bsz}x{t} has {} tokens, {} mask entries", batch.tokens.len(), batch.mask.len())));
+        }
+        if bsz != cache.batch {
+            return Err(Error::Input(format!("batch of {bsz} sequences with a cache of {}", cache.batch)));
+        }
+        if let Some((pos, &tok)) = batch.tokens.iter().enumerate().find(|(_, &tk)| tk as usize >= c.vocab_size) {
+            return Err(Error::Input(format!("token id {tok} at sequence {}, position {} is outside the vocabulary ({} tokens)", pos / t, pos % t, c.vocab_size)));
+        }
+        let layers_asked = opts.taps.iter().chain(opts.probe.iter().flat_map(|p| p.layers.iter()));
+        for &l in layers_asked {
+            if l == 0 || l > c.num_layers {
+                return Err(Error::Input(format!("block {l} does not exist: blocks are numbered 1..={}", c.num_layers)));
+            }
+        }
+        let probe_ids = opts.probe.as_ref().and_then(|p| p.tokens.clone());
+        if let Some(&tk) = probe_ids.as_ref().and_then(|ids| ids.iter().find(|&&tk| tk as usize >= c.vocab_size)) {
+            return Err(Error::Input(format!("probe token id {tk} is outside the vocabulary ({} tokens)", c.vocab_size)));
+        }
+        let past = cache.len;
+        let cap = cache.cap;
+        if past + t > cap {
+            return Err(Error::Input(format!("the device KV cache holds {cap} tokens per sequence; {past} stored + {t} new do not fit")));
+        }
+
+        // RoPE positions count real tokens only, continuing from the cache (as on the CPU).
+        let (pos, real) = positions(batch, &cache.real);
+        cache.real = real;
+        for b in 0..bsz {
+            cache.mask[b * cap + past..b * cap + past + t].copy_from_slice(&batch.mask[b * t..(b + 1) * t]);
+        }
+        let (cos, sin) = cpu::rope_tables(&pos, c.head_dim, c.rope_theta);
+        let half = c.head_dim / 2;
+        let cos = DeviceTensor::from_f32(cu, &[n, half], &cos, "RoPE cos table")?;
+        let sin = DeviceTensor::from_f32(cu, &[n, half], &sin, "RoPE sin table")?;
+        let key_mask: Vec<u8> = cache.mask.iter().map(|&m| m as u8).collect();
+        let key_mask = DeviceTensor::from_u8(cu, &[bsz, cap], &key_mask, "key mask")?;
+        let tokens = DeviceTensor::from_u32(cu, &[n], &batch.tokens, "token ids")?;
+
+        let f32t = |shape: &[usize], what: &str| DeviceTensor::empty(cu, shape, Elem::F32, what);
+        let mut x = f32t(&[n, h], "residual stream")?;
+        embedding::gather(cu, &mut x, &self.embed, &tokens)?;
+        let probe_rows = match (&opts.probe, &probe_ids) {
+            (None, _) => None,
+            (Some(_), None) => Some(None),
+            (Some(_), Some(ids)) => {
+                let ids_d = DeviceTensor::from_u32(cu, &[ids.len()], ids, "probe token ids")?;
+                let mut rows = DeviceTensor::empty(cu, &[ids.len(), h], self.weights, "probe LM-head rows")?;
+                embedding::gather(cu, &mut rows, self.head(), &ids_d)?;
+                Some(Some(rows))
+            }
+        };
+
+        let shape = AttentionShape { batch: bsz, tq: t, past, cap, n_heads: c.num_heads, n_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
+        let mut normed = f32t(&[n, h], "normed activations")?;
+        let mut q = f32t(&[n, c.q_dim()], "queries")?;
+        let mut k = f32t(&[n, c.kv_dim()], "keys")?;
+        let mut v = f32t(&[n, c.kv_dim()], "values")?;
+        let mut attn = f32t(&[n, c.q_dim()], "attention output")?;
+        let mut lse = f32t(&[bsz, c.num_heads, t], "attention log-sum-exp")?;
+        let mut gate = f32t(&[n, c.intermediate_size], "MLP gate")?;
+        let mut up = f32t(&[n, c.intermediate_size], "MLP up")?;
+        let mut proj = f32t(&[n, h], "block output projection")?;
+        let mut out = ForwardOutput::default();
+        let mut probes = Vec::new();
+        for (l, blk) in self.blocks.iter().enumerate() {
+            ew::rms_norm(cu, &mut normed, &x, &blk.input_norm, None, c.rms_norm_eps)?;
+            self.linear(&mut q, &normed, &blk.q, n)?;
+            self.linear(&mut k, &normed, &blk.k, n)?;
+            self.linear(&mut v, &normed, &blk.v, n)?;
+            ew::rope(cu, &mut q, &cos, &sin, c.num_heads, c.head_dim)?;
+            ew::rope(cu, &mut k, &cos, &sin, c.num_kv_heads, c.head_dim)?;
+            let layout = kv::KvLayout { batch: bsz, t, past, cap, heads: c.num_kv_heads, d: c.head_dim };
+            kv::kv_scatter(cu, &mut cache.k[l], &k, layout)?;
+            kv::kv_scatter(cu, &mut cache.v[l], &v, layout)?;
+            attention::attention_forward(cu, &mut attn, &mut lse, &q, &cache.k[l], &cache.v[l], &key_mask, shape)?;
+            self.linear(&mut proj, &attn, &blk.o, n)?;
+            ew::add_inplace(cu, &mut x, &proj)?;
+
+            ew::rms_norm(cu, &mut normed, &x, &blk.post_norm, None, c.rms_norm_eps)?;
+            self.linear(&mut gate, &normed, &blk.gate, n)?;
+            self.linear(&mut up, &normed, &blk.up, n)?;
+            ew::swiglu_inplace(cu, &mut gate, &up)?;
+            self.linear(&mut proj, &gate, &blk.down, n)?;
+            ew::add_inplace(cu, &mut x, &proj)?;
+
+            let block_no = l + 1;
+            if opts.taps.contains(&block_no) {
+                out.hidden.push((block_no, Tensor::from_f32(&[bsz, t, h], x.to_f32_vec()?)?));
+            }
+            if let (Some(spec), Some(rows)) = (&opts.probe, &probe_rows) {
+                if spec.layers.contains(&block_no) {
+                    let rows = rows.as_ref().unwrap_or(self.head());
+                    let m = rows.shape()[0];
+                    let logits = self.project(&x, n, rows)?;
+                    probes.push((block_no, Tensor::from_f32(&[bsz, t, m], logits.to_f32_vec()?)?));
+                }
+            }
+        }
+        cache.len = past + t;
+        out.hidden.sort_by_key(|(l, _)| opts.taps.iter().position(|x| x == l));
+        if let Some(spec) = &opts.probe {
+            for &l in &spec.layers {
+                if let Some((_, p)) = probes.iter().find(|(pl, _)| *pl == l) {
+                    out.probe.push((l, p.clone()));
+                }
+            }
+        }
+        let vocab = c.vocab_size;
+        out.logits = match opts.logits {
+            LogitsMode::None => None,
+            LogitsMode::All => Some(Tensor::from_f32(&[bsz, t, vocab], self.project(&x, n, self.head())?.to_f32_vec()?)?),
+            LogitsMode::Last => {
+                let rows: Vec<u32> = (0..bsz)
+                    .map(|b| (b * t + (0..t).rev().find(|&i| batch.mask[b * t + i]).unwrap_or(t - 1)) as u32)
+                    .collect();
+                let rows = DeviceTensor::from_u32(cu, &[bsz], &rows, "last-token rows")?;
+                let mut last = f32t(&[bsz, h], "last-token hidden states")?;
+                embedding::gather(cu, &mut last, &x, &rows)?;
+                Some(Tensor::from_f32(&[bsz, vocab], self.project(&last, bsz, self.head())?.to_f32_vec()?)?)
+            }
+        };
+        Ok(out)
+    }
+}

@@ -1,0 +1,378 @@
+//! One training micro-batch on the GPU: engine/train/backprop.rs's `forward_backward` step for
+//! step (same tape, same LoRA wiring, same dropout draws from the same generator), with the
+//! activations, the tape and the gradients on the device. The objective itself (SFT or ILRec)
+//! runs on the host on the downloaded response-row logits (`m x vocab` and `m x S`, never the whole
+//! batch's), through the same `sft_loss` / `ilrec_loss` the CPU uses, and its logit gradients go
+//! back up: the simple correct version the fused loss kernel (the ILRec kernels issue) replaces.
+//!
+//! Status: compiled, unverified on GPU (checked by `ilrec selftest --full` against the CPU).
+use super::model::{CudaModel, DLinear};
+use super::ops::{attention, elementwise as ew, embedding, kv, matmul, Gemm};
+use super::{Cuda, DeviceTensor, Elem};
+use crate::backend::cpu::{self, AttentionShape};
+use crate::error::{Error, Result};
+use crate::model::{positions, Model};
+use crate::rng::Rng;
+use crate::train::backprop::{check_micro_batch, Grads, Objective, TrainBatch};
+use crate::train::lora::{Lora, Target};
+use crate::train::loss::{ilrec_loss, sft_loss, LossRows, LossStats};
+
+/// A LoRA pair on the device with its gradient buffers.
+struct DPair {
+    a: DeviceTensor,
+    b: DeviceTensor,
+    ga: DeviceTensor,
+    gb: DeviceTensor,
+    rank: usize,
+}
+
+/// What a linear's LoRA branch keeps for the backward.
+struct LinTape {
+    /// `drop(x) A^T`, `[n, r]`.
+    u: DeviceTensor,
+    /// Dropout multipliers on the branch input, `[n, in]`.
+    drop: Option<DeviceTensor>,
+}
+
+struct BlockTape {
+    x_in: DeviceTensor,
+    h1: DeviceTensor,
+    q: DeviceTensor,
+    k_h: DeviceTensor,
+    v_h: DeviceTensor,
+    attn: DeviceTensor,
+    lse: DeviceTensor,
+    x_mid: DeviceTensor,
+    h2: DeviceTensor,
+    gate: DeviceTensor,
+    up: DeviceTensor,
+    act: DeviceTensor,
+    lin: [Option<LinTape>; 7],
+}
+
+struct Ctx<'a> {
+    dm: &'a CudaModel,
+    cu: &'a Cuda,
+    pairs: Vec<[Option<DPair>; 7]>,
+    scale: f32,
+    dropout: f32,
+}
+
+fn f32t(cu: &Cuda, shape: &[usize], what: &str) -> Result<DeviceTensor> {
+    DeviceTensor::empty(cu, shape, Elem::F32, what)
+}
+
+fn zeros(cu: &Cuda, shape: &[usize], what: &str) -> Result<DeviceTensor> {
+    DeviceTensor::zeros(cu, shape, Elem::F32, what)
+}
+
+impl Ctx<'_> {
+    /// `y = x W^T + b + s (drop(x) A^T) B^T` (lin_fwd in backprop.rs).
+    fn lin_fwd(&mut self, block: usize, t: Target, base: &DLinear, x: &DeviceTensor, n: usize, rng: &mut Rng) -> Result<(DeviceTensor, Option<LinTape>)> {
+        let cu = self.cu;
+        let mut y = f32t(cu, &[n, base.out_dim], "linear output")?;
+        self.dm.linear(&mut y, x, base, n)?;
+        let Some(p) = self.pairs[block][t.index()].as_ref() else { return Ok((y, None)) };
+        let in_dim = x.numel() / n;
+        // The CPU draws the mask element by element from the same generator, in the same order.
+        let drop = if self.dropout > 0.0 {
+            let keep = 1.0 / (1.0 - self.dropout);
+            let m: Vec<f32> = (0..n * in_dim).map(|_| if rng.next_f32() < self.dropout { 0.0 } else { keep }).collect();
+            Some(DeviceTensor::from_f32(cu, &[n, in_dim], &m, "LoRA dropout mask")?)
+        } else {
+            None
+        };
+        let xd = dropped(cu, x, drop.as_ref())?;
+        let mut u = f32t(cu, &[n, p.rank], "LoRA u = drop(x) A^T")?;
+        matmul(cu, &mut u, xd.as_ref().unwrap_or(x), &p.a, Gemm::NT)?;
+        matmul(cu, &mut y, &u, &p.b, Gemm::NT.scaled(self.scale).accumulate())?;
+        Ok((y, Some(LinTape { u, drop })))
+    }
+
+    /// Backward of `lin_fwd`: adds `dL/dx` into `dx` and the LoRA gradients into the pair.
+    #[allow(clippy::too_many_arguments)]
+    fn lin_bwd(&mut self, block: usize, t: Target, base: &DLinear, x: &DeviceTensor, tape: &Option<LinTape>, dy: &DeviceTensor, n: usize, dx: &mut DeviceTensor) -> Result<()> {
+        let cu = self.cu;
+        let dy_in = self.dm.gemm_input(dy, n)?;
+        matmul(cu, dx, dy_in.as_ref().unwrap_or(dy), &base.w, Gemm::NN.accumulate())?;
+        let (Some(p), Some(tp)) = (self.pairs[block][t.index()].as_mut(), tape) else { return Ok(()) };
+        // dB += s dy^T u ; du = s dy B ; dA += du^T drop(x) ; dx += drop(du A)
+        matmul(cu, &mut p.gb, dy, &tp.u, Gemm::TN.scaled(self.scale).accumulate())?;
+        let mut du = f32t(cu, &[n, p.rank], "LoRA du")?;
+        matmul(cu, &mut du, dy, &p.b, Gemm::NN.scaled(self.scale))?;
+        let xd = dropped(cu, x, tp.drop.as_ref())?;
+        matmul(cu, &mut p.ga, &du, xd.as_ref().unwrap_or(x), Gemm::TN.accumulate())?;
+        match &tp.drop {
+            None => matmul(cu, dx, &du, &p.a, Gemm::NN.accumulate()).map(|_| ()),
+            Some(m) => {
+                let mut dxd = f32t(cu, dx.shape(), "LoRA input gradient")?;
+                matmul(cu, &mut dxd, &du, &p.a, Gemm::NN)?;
+                kv::mul_inplace(cu, &mut dxd, m)?;
+                ew::add_inplace(cu, dx, &dxd)
+            }
+        }
+    }
+}
+
+/// `x * mask` as a new tensor, or `None` (use `x`) without dropout.
+fn dropped(cu: &Cuda, x: &DeviceTensor, mask: Option<&DeviceTensor>) -> Result<Option<DeviceTensor>> {
+    let Some(m) = mask else { return Ok(None) };
+    let mut xd = x.try_clone("LoRA dropped input")?;
+    kv::mul_inplace(cu, &mut xd, m)?;
+    Ok(Some(xd))
+}
+
+/// Scatter lists mapping row `positions[i]` of an `[n, h]` tensor to row `i` of an `[m, h]` one,
+/// in the CSR form of `embedding::scatter_add_csr` (every position is one slot).
+fn row_scatter_lists(cu: &Cuda, positions: &[usize], n: usize) -> Result<(DeviceTensor, DeviceTensor)> {
+    let mut count = vec![0u32; n + 1];
+    for &p in positions {
+        count[p + 1] += 1;
+    }
+    for i in 0..n {
+        count[i + 1] += count[i];
+    }
+    let mut fill = count.clone();
+    let mut list = vec![0u32; positions.len()];
+    for (i, &p) in positions.iter().enumerate() {
+        list[fill[p] as usize] = i as u32;
+        fill[p] += 1;
+    }
+    Ok((DeviceTensor::from_u32(cu, &[n + 1], &count, "row scatter offsets")?, DeviceTensor::from_u32(cu, &[list.len()], &list, "row scatter list")?))
+}
+
+/// Adds `dlogits^T @ normed` (`[cols, h]`) into the host rows of the trainable tokens among the
+/// logit columns (`col_token(j)` is column `j`'s vocabulary id): head_row_grads in backprop.rs.
+#[allow(clippy::too_many_arguments)]
+fn head_row_grads(cu: &Cuda, dst: &mut [f32], dlogits: &DeviceTensor, normed: &DeviceTensor, cols: usize, col_token: impl Fn(usize) -> u32, slot: &[u32], h: usize) -> Result<()> {
+    let picked: Vec<(u32, u32)> = (0..cols).filter_map(|j| { let s = slot[col_token(j) as usize]; (s != u32::MAX).then_some((j as u32, s)) }).collect();
+    if picked.is_empty() {
+        return Ok(());
+    }
+    let mut g = f32t(cu, &[cols, h], "LM-head row gradients")?;
+    matmul(cu, &mut g, dlogits, normed, Gemm::TN)?;
+    let ids: Vec<u32> = picked.iter().map(|&(j, _)| j).collect();
+    let ids = DeviceTensor::from_u32(cu, &[ids.len()], &ids, "trainable head columns")?;
+    let mut rows = f32t(cu, &[picked.len(), h], "trainable head row gradients")?;
+    embedding::gather(cu, &mut rows, &g, &ids)?;
+    let rows = rows.to_f32_vec()?;
+    for (k, &(_, s)) in picked.iter().enumerate() {
+        for (d, v) in dst[s as usize * h..(s as usize + 1) * h].iter_mut().zip(&rows[k * h..(k + 1) * h]) {
+            *d += v;
+        }
+    }
+    Ok(())
+}
+
+/// Forward, loss and backward of one micro-batch on the GPU: the same contract, inputs and
+/// results as [`crate::train::backprop::forward_backward`]. `dm` must hold `model`'s weights
+/// (including the current trainable token rows: `CudaModel::write_token_rows`); `model` supplies
+/// the configuration and the shapes of the gradients.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_backward(
+    dm: &CudaModel,
+    model: &Model,
+    lora: &Lora,
+    tb: &TrainBatch,
+    objective: &Objective,
+    trainable_tokens: &[u32],
+    norm: f64,
+    train: bool,
+    rng: &mut Rng,
+) -> Result<(LossStats, Grads)> {
+    let slot = check_micro_batch(model, lora, tb, objective, trainable_tokens)?;
+    let cu = dm.cuda();
+    let c = &model.config;
+    let batch = &tb.batch;
+    let (bsz, t, h) = (batch.batch, batch.seq, c.hidden_size);
+    let (n, m, v) = (bsz * t, tb.positions.len(), c.vocab_size);
+    let mut pairs = Vec::with_capacity(lora.blocks.len());
+    for (l, blk) in lora.blocks.iter().enumerate() {
+        let mut slots: [Option<DPair>; 7] = Default::default();
+        for (i, p) in blk.iter().enumerate() {
+            if let Some(p) = p {
+                let r = lora.config.rank;
+                let what = format!("LoRA block {l} target {i}");
+                slots[i] = Some(DPair {
+                    a: DeviceTensor::from_f32(cu, &[r, p.in_dim], &p.a, &what)?,
+                    b: DeviceTensor::from_f32(cu, &[p.out_dim, r], &p.b, &what)?,
+                    ga: zeros(cu, &[r, p.in_dim], &what)?,
+                    gb: zeros(cu, &[p.out_dim, r], &what)?,
+                    rank: r,
+                });
+            }
+        }
+        pairs.push(slots);
+    }
+    let mut ctx = Ctx { dm, cu, pairs, scale: lora.config.scale(), dropout: if train { lora.config.dropout } else { 0.0 } };
+
+    let (pos, _) = positions(batch, &vec![0; bsz]);
+    let (cos, sin) = cpu::rope_tables(&pos, c.head_dim, c.rope_theta);
+    let half = c.head_dim / 2;
+    let cos = DeviceTensor::from_f32(cu, &[n, half], &cos, "RoPE cos table")?;
+    let sin = DeviceTensor::from_f32(cu, &[n, half], &sin, "RoPE sin table")?;
+    let key_mask: Vec<u8> = batch.mask.iter().map(|&x| x as u8).collect();
+    let key_mask = DeviceTensor::from_u8(cu, &[bsz, t], &key_mask, "key mask")?;
+    let tokens = DeviceTensor::from_u32(cu, &[n], &batch.tokens, "token ids")?;
+    let shape = AttentionShape { batch: bsz, tq: t, past: 0, cap: t, n_heads: c.num_heads, n_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
+    let layout = kv::KvLayout { batch: bsz, t, past: 0, cap: t, heads: c.num_kv_heads, d: c.head_dim };
+    let eps = c.rms_norm_eps;
+
+    // Forward with the tape.
+    let mut x = f32t(cu, &[n, h], "residual stream")?;
+    embedding::gather(cu, &mut x, dm.embed(), &tokens)?;
+    let mut tapes: Vec<BlockTape> = Vec::with_capacity(c.num_layers);
+    for (l, blk) in dm.blocks().iter().enumerate() {
+        let x_in = x.try_clone("tape: block input")?;
+        let mut h1 = f32t(cu, &[n, h], "tape: normed block input")?;
+        ew::rms_norm(cu, &mut h1, &x, &blk.input_norm, None, eps)?;
+        let (mut q, tq) = ctx.lin_fwd(l, Target::Q, &blk.q, &h1, n, rng)?;
+        let (mut k, tk) = ctx.lin_fwd(l, Target::K, &blk.k, &h1, n, rng)?;
+        let (vv, tv) = ctx.lin_fwd(l, Target::V, &blk.v, &h1, n, rng)?;
+        ew::rope(cu, &mut q, &cos, &sin, c.num_heads, c.head_dim)?;
+        ew::rope(cu, &mut k, &cos, &sin, c.num_kv_heads, c.head_dim)?;
+        let mut k_h = f32t(cu, &[bsz, c.num_kv_heads, t, c.head_dim], "tape: keys")?;
+        let mut v_h = f32t(cu, &[bsz, c.num_kv_heads, t, c.head_dim], "tape: values")?;
+        kv::kv_scatter(cu, &mut k_h, &k, layout)?;
+        kv::kv_scatter(cu, &mut v_h, &vv, layout)?;
+        let mut attn = f32t(cu, &[n, c.q_dim()], "tape: attention output")?;
+        let mut lse = f32t(cu, &[bsz, c.num_heads, t], "tape: attention log-sum-exp")?;
+        attention::attention_forward(cu, &mut attn, &mut lse, &q, &k_h, &v_h, &key_mask, shape)?;
+        let (o, to) = ctx.lin_fwd(l, Target::O, &blk.o, &attn, n, rng)?;
+        ew::add_inplace(cu, &mut x, &o)?;
+        let x_mid = x.try_clone("tape: mid-block residual")?;
+        let mut h2 = f32t(cu, &[n, h], "tape: normed mid-block residual")?;
+        ew::rms_norm(cu, &mut h2, &x, &blk.post_norm, None, eps)?;
+        let (gate, tg) = ctx.lin_fwd(l, Target::Gate, &blk.gate, &h2, n, rng)?;
+        let (up, tu) = ctx.lin_fwd(l, Target::Up, &blk.up, &h2, n, rng)?;
+        let mut act = f32t(cu, gate.shape(), "tape: MLP activation")?;
+        ew::swiglu(cu, &mut act, &gate, &up)?;
+        let (down, td) = ctx.lin_fwd(l, Target::Down, &blk.down, &act, n, rng)?;
+        ew::add_inplace(cu, &mut x, &down)?;
+        tapes.push(BlockTape { x_in, h1, q, k_h, v_h, attn, lse, x_mid, h2, gate, up, act, lin: [tq, tk, tv, to, tg, tu, td] });
+    }
+
+    // Loss on the response rows.
+    let pos_u32: Vec<u32> = tb.positions.iter().map(|&p| p as u32).collect();
+    let pos_d = DeviceTensor::from_u32(cu, &[m], &pos_u32, "loss positions")?;
+    let (scatter_offsets, scatter_list) = row_scatter_lists(cu, &tb.positions, n)?;
+    let rows_of = |src: &DeviceTensor, what: &str| -> Result<DeviceTensor> {
+        let mut r = f32t(cu, &[m, h], what)?;
+        embedding::gather(cu, &mut r, src, &pos_d)?;
+        Ok(r)
+    };
+    let xl_rows = rows_of(&x, "final hidden rows")?;
+    let mut normed = f32t(cu, &[m, h], "final-norm rows")?;
+    ew::rms_norm(cu, &mut normed, &xl_rows, dm.final_norm(), None, eps)?;
+    let logits = dm.logits_of(&normed, m, dm.head())?;
+    let mut grads = Grads::zeros(model, lora, trainable_tokens.len());
+    let tied = model.lm_head.is_none();
+    let mut inject: Vec<(usize, DeviceTensor)> = Vec::new();
+    let host_logits = logits.to_f32_vec()?;
+    let (stats, d_final) = match objective {
+        Objective::Sft => sft_loss(&host_logits, v, &tb.targets, norm)?,
+        Objective::Ilrec { params, layers, candidates } => {
+            let s = candidates.len();
+            let cand = DeviceTensor::from_u32(cu, &[s], candidates, "ILRec candidates")?;
+            let mut rows_s = DeviceTensor::empty(cu, &[s, h], dm.weights(), "candidate LM-head rows")?;
+            embedding::gather(cu, &mut rows_s, dm.head(), &cand)?;
+            let mut probe_rows = Vec::with_capacity(layers.len());
+            let mut probe_logits = Vec::with_capacity(layers.len());
+            for &l in layers {
+                let src = if l == c.num_layers { &x } else { &tapes[l].x_in };
+                let xr = rows_of(src, "probe hidden rows")?;
+                let mut nr = f32t(cu, &[m, h], "probe normed rows")?;
+                ew::rms_norm(cu, &mut nr, &xr, dm.final_norm(), None, eps)?;
+                probe_logits.push(dm.logits_of(&nr, m, &rows_s)?.to_f32_vec()?);
+                probe_rows.push((xr, nr));
+            }
+            let probe_refs: Vec<&[f32]> = probe_logits.iter().map(Vec::as_slice).collect();
+            let rows = LossRows { final_logits: &host_logits, vocab: v, targets: &tb.targets, item_mask: &tb.item_mask, probe_logits: &probe_refs, candidates, rewards: tb.rewards.as_deref() };
+            let (st, g) = ilrec_loss(&rows, params, norm)?;
+            for ((&l, dz), (xr, nr)) in layers.iter().zip(&g.d_probe).zip(&probe_rows) {
+                let dz = DeviceTensor::from_f32(cu, &[m, s], dz, "probe logit gradients")?;
+                let dn = dm.input_grad_of(&dz, m, &rows_s)?;
+                let mut dx = zeros(cu, &[m, h], "probe hidden-row gradients")?;
+                ew::rms_norm_backward_dx(cu, &mut dx, &dn, xr, dm.final_norm(), None, eps)?;
+                inject.push((l, dx));
+                let dst = if tied { &mut grads.embed_rows } else { &mut grads.head_rows };
+                head_row_grads(cu, dst, &dz, nr, s, |j| candidates[j], &slot, h)?;
+            }
+            (st, g.d_final)
+        }
+    };
+    if !stats.loss.is_finite() {
+        return Err(Error::NonFinite(format!("loss ({})", stats.loss)));
+    }
+    let mut dx = zeros(cu, &[n, h], "residual gradient")?;
+    {
+        let d_final = DeviceTensor::from_f32(cu, &[m, v], &d_final, "final logit gradients")?;
+        let dn = dm.input_grad_of(&d_final, m, dm.head())?;
+        let mut dxr = zeros(cu, &[m, h], "final hidden-row gradients")?;
+        ew::rms_norm_backward_dx(cu, &mut dxr, &dn, &xl_rows, dm.final_norm(), None, eps)?;
+        embedding::scatter_add_csr(cu, &mut dx, &dxr, &scatter_offsets, &scatter_list)?;
+        let dst = if tied { &mut grads.embed_rows } else { &mut grads.head_rows };
+        head_row_grads(cu, dst, &d_final, &normed, v, |j| j as u32, &slot, h)?;
+    }
+
+    // Backward through the blocks.
+    for (l, blk) in dm.blocks().iter().enumerate().rev() {
+        for (bl, g) in &inject {
+            if *bl == l + 1 {
+                embedding::scatter_add_csr(cu, &mut dx, g, &scatter_offsets, &scatter_list)?;
+            }
+        }
+        let tp = &tapes[l];
+        let [tq, tk, tv, to, tg, tu, td] = &tp.lin;
+        let inter = c.intermediate_size;
+        let mut d_act = zeros(cu, &[n, inter], "MLP activation gradient")?;
+        ctx.lin_bwd(l, Target::Down, &blk.down, &tp.act, td, &dx, n, &mut d_act)?;
+        let mut d_gate = f32t(cu, &[n, inter], "MLP gate gradient")?;
+        let mut d_up = f32t(cu, &[n, inter], "MLP up gradient")?;
+        ew::swiglu_backward(cu, &mut d_gate, &mut d_up, &d_act, &tp.gate, &tp.up)?;
+        let mut dh2 = zeros(cu, &[n, h], "post-norm gradient")?;
+        ctx.lin_bwd(l, Target::Gate, &blk.gate, &tp.h2, tg, &d_gate, n, &mut dh2)?;
+        ctx.lin_bwd(l, Target::Up, &blk.up, &tp.h2, tu, &d_up, n, &mut dh2)?;
+        ew::rms_norm_backward_dx(cu, &mut dx, &dh2, &tp.x_mid, &blk.post_norm, None, eps)?;
+        let mut d_attn = zeros(cu, &[n, c.q_dim()], "attention output gradient")?;
+        ctx.lin_bwd(l, Target::O, &blk.o, &tp.attn, to, &dx, n, &mut d_attn)?;
+        let mut dq = f32t(cu, &[n, c.q_dim()], "query gradient")?;
+        let mut dk_h = f32t(cu, tp.k_h.shape(), "key gradient")?;
+        let mut dv_h = f32t(cu, tp.v_h.shape(), "value gradient")?;
+        attention::attention_backward(cu, &mut dq, &mut dk_h, &mut dv_h, &d_attn, &tp.q, &tp.k_h, &tp.v_h, &tp.attn, &tp.lse, &key_mask, shape)?;
+        let mut dk = f32t(cu, &[n, c.kv_dim()], "key gradient rows")?;
+        let mut dv = f32t(cu, &[n, c.kv_dim()], "value gradient rows")?;
+        kv::kv_gather(cu, &mut dk, &dk_h, layout)?;
+        kv::kv_gather(cu, &mut dv, &dv_h, layout)?;
+        ew::rope_backward(cu, &mut dq, &cos, &sin, c.num_heads, c.head_dim)?;
+        ew::rope_backward(cu, &mut dk, &cos, &sin, c.num_kv_heads, c.head_dim)?;
+        let mut dh1 = zeros(cu, &[n, h], "input-norm gradient")?;
+        ctx.lin_bwd(l, Target::Q, &blk.q, &tp.h1, tq, &dq, n, &mut dh1)?;
+        ctx.lin_bwd(l, Target::K, &blk.k, &tp.h1, tk, &dk, n, &mut dh1)?;
+        ctx.lin_bwd(l, Target::V, &blk.v, &tp.h1, tv, &dv, n, &mut dh1)?;
+        ew::rms_norm_backward_dx(cu, &mut dx, &dh1, &tp.x_in, &blk.input_norm, None, eps)?;
+    }
+    // Embedding rows of trainable tokens (masked positions only, ascending: the CPU's order).
+    if !trainable_tokens.is_empty() {
+        let (offsets, list) = embedding::csr_positions(&batch.tokens, &batch.mask, &slot, trainable_tokens.len())?;
+        let offsets = DeviceTensor::from_u32(cu, &[offsets.len()], &offsets, "embedding scatter offsets")?;
+        let list = DeviceTensor::from_u32(cu, &[list.len()], &list, "embedding scatter list")?;
+        let mut g = DeviceTensor::from_f32(cu, &[trainable_tokens.len(), h], &grads.embed_rows, "embedding row gradients")?;
+        embedding::scatter_add_csr(cu, &mut g, &dx, &offsets, &list)?;
+        grads.embed_rows = g.to_f32_vec()?;
+    }
+    for (l, slots) in ctx.pairs.iter().enumerate() {
+        for (i, p) in slots.iter().enumerate() {
+            if let (Some(p), Some(gp)) = (p, grads.lora.blocks[l][i].as_mut()) {
+                gp.a = p.ga.to_f32_vec()?;
+                gp.b = p.gb.to_f32_vec()?;
+            }
+        }
+    }
+    for (name, _, g) in grads.lora.named() {
+        if let Some(i) = g.iter().position(|x| !x.is_finite()) {
+            return Err(Error::NonFinite(format!("gradient of `{name}` at element {i}")));
+        }
+    }
+    Ok((stats, grads))
+}
