@@ -14,9 +14,11 @@ pub enum DeviceRequest {
 }
 
 /// Where work actually runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Device {
     Cpu,
+    /// The first GPU, opened (kernels loaded).
+    Cuda(Cuda),
 }
 
 impl FromStr for DeviceRequest {
@@ -39,40 +41,19 @@ pub fn cuda_driver_present() -> bool {
 }
 
 impl DeviceRequest {
-    /// Opens the GPU for commands that run kernels directly (`ilrec selftest`, the benches):
-    /// `cpu` gives `None`; `cuda` gives the GPU or the error that prevents it; `auto` gives the GPU
-    /// when one opens, else `None` after one line to `notice` saying why.
-    pub fn open_cuda(self, notice: impl FnOnce(&str)) -> Result<Option<Cuda>> {
-        match self {
-            DeviceRequest::Cpu => Ok(None),
-            DeviceRequest::Cuda => Cuda::new(0).map(Some),
-            DeviceRequest::Auto => match Cuda::new(0) {
-                Ok(c) => Ok(Some(c)),
-                Err(e) => {
-                    notice(&format!("device auto: using the CPU ({e})"));
-                    Ok(None)
-                }
-            },
-        }
-    }
-
-    /// Resolves the request for the model commands. `notice` receives one line when `auto` falls
-    /// back to the CPU.
+    /// Resolves the request: `cuda` opens the first GPU or fails with the reason; `auto` opens it
+    /// when it can and otherwise falls back to the CPU after one line to `notice` saying why.
     pub fn resolve(self, notice: impl FnOnce(&str)) -> Result<Device> {
-        // The model's forward, backward and decoding do not run on the CUDA backend yet (only
-        // the kernels and their checks do): the CPU is the only executor of whole models.
-        let why = if cuda_driver_present() {
-            "the model does not run on the CUDA backend yet; `ilrec selftest --device cuda` checks its kernels"
-        } else {
-            "no CUDA driver (libcuda) found on this machine"
-        };
         match self {
             DeviceRequest::Cpu => Ok(Device::Cpu),
-            DeviceRequest::Auto => {
-                notice(&format!("device auto: using the CPU ({why})"));
-                Ok(Device::Cpu)
-            }
-            DeviceRequest::Cuda => Err(Error::Device(format!("cuda requested but {why}"))),
+            DeviceRequest::Cuda => Cuda::new(0).map(Device::Cuda),
+            DeviceRequest::Auto => match Cuda::new(0) {
+                Ok(c) => Ok(Device::Cuda(c)),
+                Err(e) => {
+                    notice(&format!("device auto: using the CPU ({e})"));
+                    Ok(Device::Cpu)
+                }
+            },
         }
     }
 }
@@ -81,6 +62,7 @@ impl std::fmt::Display for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Device::Cpu => write!(f, "cpu ({} threads)", rayon::current_num_threads()),
+            Device::Cuda(c) => write!(f, "cuda ({}, sm_{}{})", c.name(), c.capability().0, c.capability().1),
         }
     }
 }

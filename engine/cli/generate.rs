@@ -1,7 +1,8 @@
 //! `ilrec generate MODEL_DIR --prompt ...`.
 use anyhow::{Context, Result};
-use ilrec::device::DeviceRequest;
-use ilrec::model::generate::GenerateOptions;
+use ilrec::backend::cuda::{model::CudaModel, Elem};
+use ilrec::device::{Device, DeviceRequest};
+use ilrec::model::generate::{generate, GenerateOptions};
 use ilrec::weights::{ChatMessage, TextTokenizer};
 use ilrec::Model;
 use std::io::Write;
@@ -67,7 +68,7 @@ pub fn run(a: Args) -> Result<()> {
     let mut ids = Vec::new();
     let mut shown = 0;
     let mut out = std::io::stdout().lock();
-    let new = model.generate(&prompt, &opts, |t| {
+    let on_token = |t| {
         first.get_or_insert(start.elapsed().as_secs_f64());
         ids.push(t);
         // Decode the whole continuation so multi-token characters print once complete.
@@ -78,7 +79,13 @@ pub fn run(a: Args) -> Result<()> {
                 shown = s.len();
             }
         }
-    }).context("generation failed")?;
+    };
+    let new = match &device {
+        Device::Cpu => generate(&model, &prompt, &opts, on_token),
+        // bf16 weights, f32 activations: the CUDA backend's inference precision.
+        Device::Cuda(cuda) => generate(&CudaModel::upload(cuda, &model, Elem::BF16)?, &prompt, &opts, on_token),
+    }
+    .context("generation failed")?;
     writeln!(out)?;
     let total = start.elapsed().as_secs_f64();
     let ttft = first.unwrap_or(total);

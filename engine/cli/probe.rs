@@ -4,7 +4,8 @@
 //! full vocabulary and over a token subset (the item-code tokens in semantic-ID mode), and
 //! reports the bytes each one moves, next to the cost of the model's own forward.
 use anyhow::{bail, Result};
-use ilrec::device::DeviceRequest;
+use ilrec::backend::cuda::{model::CudaModel, Elem};
+use ilrec::device::{Device, DeviceRequest};
 use ilrec::{Batch, ForwardOptions, LogitsMode, Model, ProbeSpec};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -64,14 +65,29 @@ pub fn run(a: Args) -> Result<()> {
     let batch = Batch::new(tokens, vec![true; n], a.batch, a.seq)?;
     println!("probe cost on {device}: {} blocks, batch {}x{} = {n} tokens, hidden {}, vocab {}, subset {}", c.num_layers, a.batch, a.seq, c.hidden_size, c.vocab_size, a.subset);
 
+    // On CUDA the forward runs from bf16 weights; its times include copying the logits back.
+    let gpu = match &device {
+        Device::Cuda(cuda) => Some(CudaModel::upload(cuda, &model, Elem::BF16)?),
+        Device::Cpu => None,
+    };
+    let forward = |opts: &ForwardOptions| match &gpu {
+        Some(dm) => dm.forward(&batch, opts),
+        None => model.forward(&batch, opts),
+    };
     let plain = ForwardOptions { logits: LogitsMode::All, ..Default::default() };
-    let t_fwd = median_secs(a.iters, || drop(model.forward(&batch, &plain)));
+    let t_fwd = median_secs(a.iters, || drop(forward(&plain)));
     let with_probe = ForwardOptions {
         logits: LogitsMode::All,
         taps: layers.clone(),
         probe: Some(ProbeSpec { layers: layers.clone(), tokens: Some(subset.clone()) }),
     };
-    let t_fwd_probe = median_secs(a.iters, || drop(model.forward(&batch, &with_probe)));
+    let t_fwd_probe = median_secs(a.iters, || drop(forward(&with_probe)));
+    if gpu.is_some() {
+        println!("forward (final logits)         {:>9.1} ms", t_fwd * 1e3);
+        println!("forward + {} subset probes      {:>9.1} ms  (+{:.1}%)", layers.len(), t_fwd_probe * 1e3, 100.0 * (t_fwd_probe - t_fwd) / t_fwd);
+        println!("(per-block logit-lens timing runs on the CPU backend only until the fused probe kernel lands)");
+        return Ok(());
+    }
     let taps = model.forward(&batch, &ForwardOptions { logits: LogitsMode::None, taps: layers.clone(), probe: None })?;
 
     let (full_rows, v) = model.gather_head_rows(None);

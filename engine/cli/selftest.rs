@@ -1,7 +1,7 @@
 //! `ilrec selftest`: every CUDA kernel checked against the CPU reference, as a table.
 use anyhow::{bail, Context, Result};
 use ilrec::backend::cuda::selftest;
-use ilrec::device::DeviceRequest;
+use ilrec::device::{Device, DeviceRequest};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -25,7 +25,7 @@ pub fn run(a: Args) -> Result<()> {
     if req == DeviceRequest::Cpu {
         bail!("selftest checks the CUDA kernels against the CPU; --device cpu has nothing to check");
     }
-    let Some(cuda) = req.open_cuda(|n| eprintln!("{n}"))? else {
+    let Device::Cuda(cuda) = req.resolve(|n| eprintln!("{n}"))? else {
         println!("selftest: skipped, no GPU: the CUDA kernels are compiled, unverified on GPU");
         return Ok(());
     };

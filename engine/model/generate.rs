@@ -1,5 +1,5 @@
 //! Text generation with the KV cache: greedy or sampled (temperature, top-k, top-p).
-use super::{Batch, ForwardOptions, LogitsMode, Model};
+use super::{Batch, ForwardOptions, ForwardOutput, KvCache, LogitsMode, Model, ModelConfig};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
@@ -24,50 +24,80 @@ impl Default for GenerateOptions {
     }
 }
 
-impl Model {
-    /// Continues `prompt`, calling `on_token` as each token is chosen; returns the new tokens.
-    pub fn generate(&self, prompt: &[u32], opts: &GenerateOptions, mut on_token: impl FnMut(u32)) -> Result<Vec<u32>> {
-        if prompt.is_empty() {
-            return Err(Error::Input("generate: empty prompt".into()));
-        }
-        let valid_temp = opts.temperature >= 0.0 && opts.temperature.is_finite();
-        let valid_top_p = opts.top_p > 0.0 && opts.top_p <= 1.0;
-        if !valid_temp || !valid_top_p {
-            return Err(Error::Input(format!(
-                "generate: temperature must be >= 0 (got {}) and top_p in (0, 1] (got {})",
-                opts.temperature, opts.top_p
-            )));
-        }
-        let mut rng = Rng::new(opts.seed);
-        let limit = self.config.max_position_embeddings;
-        let total = prompt.len().saturating_add(opts.max_new_tokens);
-        if total > limit {
-            return Err(Error::Input(format!(
-                "generate: prompt ({}) + max_new_tokens ({}) exceeds the model's max_position_embeddings ({limit})",
-                prompt.len(),
-                opts.max_new_tokens
-            )));
-        }
-        let mut cache = self.new_cache(1, total);
-        let fo = ForwardOptions { logits: LogitsMode::Last, ..Default::default() };
-        let mut out = Vec::new();
-        let mut input = Batch::single(prompt);
-        while out.len() < opts.max_new_tokens {
-            let res = self.forward_cached(&input, &mut cache, &fo)?;
-            let logits = res.logits.map(|t| t.into_f32_vec()).unwrap_or_default();
-            if let Some(i) = logits.iter().position(|x| x.is_nan()) {
-                return Err(Error::NonFinite(format!("logits of generated token {} (vocab entry {i})", out.len())));
-            }
-            let tok = pick(&logits, opts, &mut rng);
-            out.push(tok);
-            on_token(tok);
-            if opts.stop_tokens.contains(&tok) {
-                break;
-            }
-            input = Batch::single(&[tok]);
-        }
-        Ok(out)
+/// A model that runs incremental forwards on its own KV cache: the CPU `Model`, or the GPU
+/// `backend::cuda::model::CudaModel`. Decoding loops are written once against this.
+pub trait Decoder {
+    type Cache;
+    fn config(&self) -> &ModelConfig;
+    /// An empty cache for `batch` sequences of up to `cap` tokens.
+    fn new_decode_cache(&self, batch: usize, cap: usize) -> Result<Self::Cache>;
+    /// `batch` as the continuation of what `cache` holds (`Model::forward_cached`).
+    fn decode(&self, batch: &Batch, cache: &mut Self::Cache, opts: &ForwardOptions) -> Result<ForwardOutput>;
+}
+
+impl Decoder for Model {
+    type Cache = KvCache;
+    fn config(&self) -> &ModelConfig {
+        &self.config
     }
+    fn new_decode_cache(&self, batch: usize, cap: usize) -> Result<KvCache> {
+        Ok(self.new_cache(batch, cap))
+    }
+    fn decode(&self, batch: &Batch, cache: &mut KvCache, opts: &ForwardOptions) -> Result<ForwardOutput> {
+        self.forward_cached(batch, cache, opts)
+    }
+}
+
+impl Model {
+    /// Continues `prompt` on the CPU; see [`generate`].
+    pub fn generate(&self, prompt: &[u32], opts: &GenerateOptions, on_token: impl FnMut(u32)) -> Result<Vec<u32>> {
+        generate(self, prompt, opts, on_token)
+    }
+}
+
+/// Continues `prompt` with `model` (CPU or GPU), calling `on_token` as each token is chosen;
+/// returns the new tokens.
+pub fn generate<D: Decoder>(model: &D, prompt: &[u32], opts: &GenerateOptions, mut on_token: impl FnMut(u32)) -> Result<Vec<u32>> {
+    if prompt.is_empty() {
+        return Err(Error::Input("generate: empty prompt".into()));
+    }
+    let valid_temp = opts.temperature >= 0.0 && opts.temperature.is_finite();
+    let valid_top_p = opts.top_p > 0.0 && opts.top_p <= 1.0;
+    if !valid_temp || !valid_top_p {
+        return Err(Error::Input(format!(
+            "generate: temperature must be >= 0 (got {}) and top_p in (0, 1] (got {})",
+            opts.temperature, opts.top_p
+        )));
+    }
+    let mut rng = Rng::new(opts.seed);
+    let limit = model.config().max_position_embeddings;
+    let total = prompt.len().saturating_add(opts.max_new_tokens);
+    if total > limit {
+        return Err(Error::Input(format!(
+            "generate: prompt ({}) + max_new_tokens ({}) exceeds the model's max_position_embeddings ({limit})",
+            prompt.len(),
+            opts.max_new_tokens
+        )));
+    }
+    let mut cache = model.new_decode_cache(1, total)?;
+    let fo = ForwardOptions { logits: LogitsMode::Last, ..Default::default() };
+    let mut out = Vec::new();
+    let mut input = Batch::single(prompt);
+    while out.len() < opts.max_new_tokens {
+        let res = model.decode(&input, &mut cache, &fo)?;
+        let logits = res.logits.map(|t| t.into_f32_vec()).unwrap_or_default();
+        if let Some(i) = logits.iter().position(|x| x.is_nan()) {
+            return Err(Error::NonFinite(format!("logits of generated token {} (vocab entry {i})", out.len())));
+        }
+        let tok = pick(&logits, opts, &mut rng);
+        out.push(tok);
+        on_token(tok);
+        if opts.stop_tokens.contains(&tok) {
+            break;
+        }
+        input = Batch::single(&[tok]);
+    }
+    Ok(out)
 }
 
 fn argmax(x: &[f32]) -> usize {

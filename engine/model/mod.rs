@@ -10,6 +10,7 @@ pub(crate) use batch::positions;
 pub use cache::KvCache;
 pub use config::{Family, ModelConfig};
 pub use forward::{ForwardOptions, ForwardOutput, LogitsMode, ProbeSpec};
+pub use generate::Decoder;
 
 use crate::backend::cpu;
 use crate::error::{Error, Result};

@@ -363,3 +363,16 @@ impl CudaModel {
         Ok(out)
     }
 }
+
+impl crate::model::Decoder for CudaModel {
+    type Cache = CudaKvCache;
+    fn config(&self) -> &crate::model::ModelConfig {
+        &self.config
+    }
+    fn new_decode_cache(&self, batch: usize, cap: usize) -> Result<CudaKvCache> {
+        self.new_cache(batch, cap)
+    }
+    fn decode(&self, batch: &Batch, cache: &mut CudaKvCache, opts: &ForwardOptions) -> Result<ForwardOutput> {
+        self.forward_cached(batch, cache, opts)
+    }
+}
