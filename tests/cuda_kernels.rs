@@ -1,4 +1,5 @@
-//! Every CUDA kernel against the CPU reference (engine/backend/cuda/selftest). Skips with one
+//! Every CUDA kernel, the device forward and the device training micro-batch against the CPU
+//! reference (engine/backend/cuda/selftest, with --full). Skips with one
 //! line when this machine has no GPU.
 use ilrec::backend::cuda::{selftest, Cuda};
 
@@ -11,7 +12,7 @@ fn every_kernel_matches_the_cpu_reference() {
             return;
         }
     };
-    let rows = selftest::run(&cuda, 7, false).expect("selftest ran");
+    let rows = selftest::run(&cuda, 7, true).expect("selftest ran");
     let failed: Vec<_> = rows.iter().filter(|r| !r.pass()).collect();
     assert!(!rows.is_empty(), "no checks ran");
     assert!(failed.is_empty(), "failed checks:\n{}", selftest::table(&rows));

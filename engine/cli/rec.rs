@@ -3,7 +3,8 @@
 use anyhow::{bail, Context, Result};
 use ilrec::progress::Progress;
 use ilrec::rec::metrics::Metrics;
-use ilrec::rec::pipeline::{run_eval, run_most_popular, run_sasrec, run_train, RunConfig, TrainedRun};
+use ilrec::device::DeviceRequest;
+use ilrec::rec::pipeline::{run_eval, run_most_popular, run_sasrec, run_train_on, RunConfig, TrainedRun};
 use ilrec::train::trainer::StepReport;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -13,6 +14,9 @@ pub struct TrainArgs {
     /// TOML run config (every key optional; see docs/recommendation.md).
     #[arg(long)]
     config: PathBuf,
+    /// Where the micro-batches' forward and backward run: cpu | cuda | auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(clap::Args)]
@@ -61,7 +65,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
             eprintln!("trained {} steps, {tokens} tokens in {:.1}s", r.total_steps, t0.elapsed().as_secs_f64());
         }
     };
-    run_train(&cfg, &mut log, &mut on_step)?;
+    let device = a.device.parse::<DeviceRequest>()?.resolve(|n| eprintln!("{n}"))?;
+    run_train_on(&cfg, &device, &mut log, &mut on_step)?;
     Ok(())
 }
 

@@ -11,6 +11,8 @@ use super::reward::{item_distribution, RewardTable};
 use super::sasrec::{SasRec, SasRecConfig};
 use super::semantic_id::{add_item_tokens, assign_semantic_ids, item_embeddings, SemanticIdConfig, SemanticIds, SEMANTIC_IDS_FILE};
 use super::trie::ItemTrie;
+use crate::backend::cuda::Elem;
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::rng::Rng;
@@ -371,6 +373,12 @@ fn attach_rewards(data: &mut [Example], samples: &[Sample], sas: &SasRec, pb: &P
 /// Trains per `cfg`, writing the adapter, the semantic IDs and the item tokens' rows into
 /// `cfg.output_dir`; `on_step` sees every optimizer step.
 pub fn run_train(cfg: &RunConfig, log: &mut dyn FnMut(&str), on_step: &mut dyn FnMut(&StepReport)) -> Result<()> {
+    run_train_on(cfg, &Device::Cpu, log, on_step)
+}
+
+/// [`run_train`] with the micro-batches' forward and backward on `device` (the optimiser and
+/// the data pipeline stay on the host). On CUDA the model's projection weights are bf16.
+pub fn run_train_on(cfg: &RunConfig, device: &Device, log: &mut dyn FnMut(&str), on_step: &mut dyn FnMut(&StepReport)) -> Result<()> {
     let mut model = load_model(cfg)?;
     let mut tok = TextTokenizer::load(&cfg.model_dir)?;
     let (ds, split) = load_split(cfg)?;
@@ -420,6 +428,10 @@ pub fn run_train(cfg: &RunConfig, log: &mut dyn FnMut(&str), on_step: &mut dyn F
     let mut tr = Trainer::new(&model, cfg.train.clone(), data.len(), new_tokens.clone())?;
     if tr.resume(&mut model, &ckpt)? {
         log(&format!("resumed from {} at step {}", ckpt.display(), tr.step_count()));
+    }
+    if let Device::Cuda(cuda) = device {
+        tr.use_cuda(cuda, &model, Elem::BF16)?;
+        log(&format!("training micro-batches on {device} (bf16 weights)"));
     }
     while !tr.is_done() {
         let rep = tr.train_step(&mut model, &data, &objective)?;

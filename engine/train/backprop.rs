@@ -246,9 +246,13 @@ pub(crate) fn check_micro_batch(model: &Model, lora: &Lora, tb: &TrainBatch, obj
         }
         slot[tok as usize] = i as u32;
     }
-    if let Objective::Ilrec { layers, .. } = objective {
+    if let Objective::Ilrec { layers, candidates, .. } = objective {
         if let Some(&l) = layers.iter().find(|&&l| l == 0 || l > c.num_layers) {
             return Err(Error::Input(format!("probe block {l} does not exist: blocks are 1..={}", c.num_layers)));
+        }
+        // Checked before any head row is gathered (a device gather does not bounds-check).
+        if let Some(&tok) = candidates.iter().find(|&&x| x as usize >= c.vocab_size) {
+            return Err(Error::Input(format!("ILRec candidate token {tok} is outside the vocabulary ({})", c.vocab_size)));
         }
     }
     Ok(slot)

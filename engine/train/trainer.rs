@@ -2,6 +2,9 @@
 //! (all response tokens of the accumulated batch), clipping, AdamW with warmup + cosine, atomic
 //! checkpoints and exact resume on the CPU.
 use super::backprop::{forward_backward, Grads, Objective, TrainBatch};
+use crate::backend::cuda::model::CudaModel;
+use crate::backend::cuda::train::forward_backward as cuda_forward_backward;
+use crate::backend::cuda::{Cuda, Elem};
 use super::checkpoint::{self, Checkpoint};
 use super::lora::{Lora, LoraConfig, Target};
 use super::loss::LossStats;
@@ -159,6 +162,8 @@ pub struct Trainer {
     cursor: u64,
     total_steps: u64,
     n_examples: usize,
+    /// The model's weights on the GPU when micro-batches run there (`use_cuda`).
+    gpu: Option<CudaModel>,
 }
 
 fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
@@ -215,7 +220,20 @@ impl Trainer {
             cursor: 0,
             total_steps,
             n_examples,
+            gpu: None,
         })
+    }
+
+    /// Runs the forward and backward of every micro-batch on the GPU from now on (the optimiser
+    /// stays on the host): uploads `model` with projection weights in `weights` (f32 or bf16).
+    /// Call after `resume`, or call `resume` after this: either way the device holds the
+    /// current trainable token rows.
+    pub fn use_cuda(&mut self, cuda: &Cuda, model: &Model, weights: Elem) -> Result<()> {
+        let mut dm = CudaModel::upload(cuda, model, weights)?;
+        let h = model.config.hidden_size;
+        dm.write_token_rows(&self.trainable_tokens, &rows_of(&model.embed, &self.trainable_tokens, h), model.lm_head.as_ref().map(|l| rows_of(&l.w, &self.trainable_tokens, h)).as_deref())?;
+        self.gpu = Some(dm);
+        Ok(())
     }
 
     pub fn step_count(&self) -> u64 {
@@ -269,8 +287,12 @@ impl Trainer {
         for ids in &micro {
             let tb = collate(data, ids)?;
             tokens += tb.batch.num_real();
-            let (st, g) = forward_backward(model, &self.lora, &tb, objective, &self.trainable_tokens, response_tokens as f64, true, &mut self.rng)
-                .map_err(|e| at_step(e, step_no))?;
+            let norm = response_tokens as f64;
+            let (st, g) = match &self.gpu {
+                Some(dm) => cuda_forward_backward(dm, model, &self.lora, &tb, objective, &self.trainable_tokens, norm, true, &mut self.rng),
+                None => forward_backward(model, &self.lora, &tb, objective, &self.trainable_tokens, norm, true, &mut self.rng),
+            }
+            .map_err(|e| at_step(e, step_no))?;
             stats.accumulate(&st);
             let mut g = g;
             for (acc, x) in grads.tensors_mut().into_iter().zip(g.tensors_mut()) {
@@ -306,7 +328,7 @@ impl Trainer {
             self.opt.step(lora, lr).map_err(|e| at_step(e, step_no))?;
             self.opt.step(rows, token_lr).map_err(|e| at_step(e, step_no))?;
         }
-        self.write_rows(model);
+        self.write_rows(model)?;
         self.step = step_no;
         self.micro_step += self.cfg.grad_accum as u64;
         Ok(StepReport { step: step_no, total_steps: self.total_steps, lr, stats, grad_norm, tokens, response_tokens, seconds: started.elapsed().as_secs_f64() })
@@ -319,8 +341,8 @@ impl Trainer {
         names
     }
 
-    /// Copies the trained token rows into the model.
-    fn write_rows(&self, model: &mut Model) {
+    /// Copies the trained token rows into the model (and its GPU copy).
+    fn write_rows(&mut self, model: &mut Model) -> Result<()> {
         let h = model.config.hidden_size;
         for (i, &t) in self.trainable_tokens.iter().enumerate() {
             let t = t as usize;
@@ -329,6 +351,11 @@ impl Trainer {
                 head.w[t * h..(t + 1) * h].copy_from_slice(&self.head_rows[i * h..(i + 1) * h]);
             }
         }
+        if let Some(dm) = self.gpu.as_mut() {
+            let head = model.lm_head.as_ref().map(|_| self.head_rows.as_slice());
+            dm.write_token_rows(&self.trainable_tokens, &self.embed_rows, head)?;
+        }
+        Ok(())
     }
 
     /// Writes a checkpoint into `dir` (atomically; keeps the configured number).
@@ -388,7 +415,7 @@ impl Trainer {
         self.epoch = ck.epoch;
         self.cursor = ck.data_cursor;
         self.rng = Rng::from_state(ck.rng);
-        self.write_rows(model);
+        self.write_rows(model)?;
         Ok(true)
     }
 }

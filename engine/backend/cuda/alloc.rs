@@ -1,7 +1,7 @@
 //! The caching device allocator. Freed blocks go back to a free list keyed by their size class
 //! and are handed out again without a driver call; the driver is asked for memory only when no
-//! cached block of the class is free, and the cache is emptied and the request retried once
-//! before an out-of-memory error is returned.
+//! cached block of the class is free; on out-of-memory the runtime empties the cache (after the
+//! stream's queued work) and retries once before returning the error.
 //!
 //! Every kernel runs on one stream, so a block freed while queued kernels still use it can be
 //! reused at once: whatever is queued next on the stream runs after them (stream order), exactly
@@ -55,15 +55,7 @@ impl Pool {
             self.note_use(class);
             return Ok(ptr);
         }
-        let ptr = match driver_alloc(class) {
-            Ok(p) => p,
-            Err(AllocError::OutOfMemory) => {
-                // Cached blocks of other classes may be what stands between us and the request.
-                self.release_cached().map_err(AllocError::Driver)?;
-                driver_alloc(class)?
-            }
-            Err(e) => return Err(e),
-        };
+        let ptr = driver_alloc(class)?;
         self.stats.driver_allocs += 1;
         self.stats.reserved += class;
         self.stats.peak_reserved = self.stats.peak_reserved.max(self.stats.reserved);

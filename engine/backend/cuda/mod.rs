@@ -41,7 +41,29 @@ struct Inner {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     pool: Mutex<Pool>,
-    blas: Mutex<Option<blas::Blas>>,
+    blas: Mutex<BlasState>,
+}
+
+/// cuBLAS is looked for once: a missing or failing library means the fallback GEMM from then on.
+enum BlasState {
+    NotTried,
+    Absent,
+    Ready(blas::Blas),
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The cuBLAS handle goes first (it holds a reference to our stream), then the cached blocks
+        // after the queued work that may use them; errors here have no one left to report to.
+        if let Ok(mut b) = self.blas.lock() {
+            *b = BlasState::Absent;
+        }
+        if self.ctx.bind_to_thread().is_ok() && self.stream.synchronize().is_ok() {
+            if let Ok(mut pool) = self.pool.lock() {
+                let _ = pool.release_cached();
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Cuda {
@@ -150,7 +172,7 @@ impl Cuda {
                     modules: Mutex::new(HashMap::new()),
                     functions: Mutex::new(HashMap::new()),
                     pool: Mutex::new(Pool::default()),
-                    blas: Mutex::new(None),
+                    blas: Mutex::new(BlasState::NotTried),
                 }),
             };
             // Load every fatbin now: a module the driver cannot load (a PTX version newer than
@@ -276,7 +298,15 @@ impl Cuda {
         self.bind()?;
         let class = size_class(bytes);
         let mut pool = self.inner.pool.lock().expect("allocator poisoned");
-        match pool.alloc(class) {
+        let mut got = pool.alloc(class);
+        if matches!(got, Err(AllocError::OutOfMemory)) && pool.cached() > 0 {
+            // Cached blocks of other classes may be what stands between us and the request: free
+            // them once queued work that may still use them is done, then try again.
+            self.inner.stream.synchronize().map_err(|e| driver("synchronising before freeing cached blocks", e))?;
+            pool.release_cached().map_err(|e| driver("freeing cached blocks", e))?;
+            got = pool.alloc(class);
+        }
+        match got {
             Ok(p) => Ok((p, class)),
             Err(AllocError::OutOfMemory) => {
                 let (free, total) = result::mem_get_info().unwrap_or((0, 0));
@@ -302,10 +332,23 @@ impl Cuda {
     /// The cuBLAS handle, created on first use; `None` when libcublas cannot be loaded (the
     /// hand-written fallback GEMM is used then).
     pub(crate) fn with_blas<T>(&self, f: impl FnOnce(Option<&blas::Blas>) -> Result<T>) -> Result<T> {
+        self.bind()?;
         let mut guard = self.inner.blas.lock().expect("cuBLAS handle poisoned");
-        if guard.is_none() {
-            *guard = blas::Blas::new(self)?;
+        if matches!(*guard, BlasState::NotTried) {
+            *guard = match blas::Blas::new(self) {
+                Ok(Some(b)) => BlasState::Ready(b),
+                // A library that is absent or fails to initialise: the fallback GEMM serves.
+                Ok(None) | Err(_) => BlasState::Absent,
+            };
         }
-        f(guard.as_ref())
+        match &*guard {
+            BlasState::Ready(b) => f(Some(b)),
+            _ => f(None),
+        }
+    }
+
+    /// Whether GEMMs go to cuBLAS (`false`: the hand-written fallback kernel).
+    pub fn has_cublas(&self) -> bool {
+        self.with_blas(|b| Ok(b.is_some())).unwrap_or(false)
     }
 }

@@ -264,16 +264,18 @@ impl CudaModel {
         }
 
         // RoPE positions count real tokens only, continuing from the cache (as on the CPU).
+        // The cache's host state is committed only when the whole forward has been queued, so a
+        // failed call (out of memory, say) leaves the cache as it was.
         let (pos, real) = positions(batch, &cache.real);
-        cache.real = real;
+        let mut mask = cache.mask.clone();
         for b in 0..bsz {
-            cache.mask[b * cap + past..b * cap + past + t].copy_from_slice(&batch.mask[b * t..(b + 1) * t]);
+            mask[b * cap + past..b * cap + past + t].copy_from_slice(&batch.mask[b * t..(b + 1) * t]);
         }
         let (cos, sin) = cpu::rope_tables(&pos, c.head_dim, c.rope_theta);
         let half = c.head_dim / 2;
         let cos = DeviceTensor::from_f32(cu, &[n, half], &cos, "RoPE cos table")?;
         let sin = DeviceTensor::from_f32(cu, &[n, half], &sin, "RoPE sin table")?;
-        let key_mask: Vec<u8> = cache.mask.iter().map(|&m| m as u8).collect();
+        let key_mask: Vec<u8> = mask.iter().map(|&m| m as u8).collect();
         let key_mask = DeviceTensor::from_u8(cu, &[bsz, cap], &key_mask, "key mask")?;
         let tokens = DeviceTensor::from_u32(cu, &[n], &batch.tokens, "token ids")?;
 
@@ -337,7 +339,6 @@ impl CudaModel {
                 }
             }
         }
-        cache.len = past + t;
         out.hidden.sort_by_key(|(l, _)| opts.taps.iter().position(|x| x == l));
         if let Some(spec) = &opts.probe {
             for &l in &spec.layers {
@@ -347,7 +348,7 @@ impl CudaModel {
             }
         }
         let vocab = c.vocab_size;
-        out.logits = match opts.logits {
+        let logits = match opts.logits {
             LogitsMode::None => None,
             LogitsMode::All => Some(Tensor::from_f32(&[bsz, t, vocab], self.project(&x, n, self.head())?.to_f32_vec()?)?),
             LogitsMode::Last => {
@@ -360,6 +361,8 @@ impl CudaModel {
                 Some(Tensor::from_f32(&[bsz, vocab], self.project(&last, bsz, self.head())?.to_f32_vec()?)?)
             }
         };
+        out.logits = logits;
+        (cache.mask, cache.real, cache.len) = (mask, real, past + t);
         Ok(out)
     }
 }

@@ -141,23 +141,29 @@ fn row_scatter_lists(cu: &Cuda, positions: &[usize], n: usize) -> Result<(Device
     Ok((DeviceTensor::from_u32(cu, &[n + 1], &count, "row scatter offsets")?, DeviceTensor::from_u32(cu, &[list.len()], &list, "row scatter list")?))
 }
 
-/// Adds `dlogits^T @ normed` (`[cols, h]`) into the host rows of the trainable tokens among the
-/// logit columns (`col_token(j)` is column `j`'s vocabulary id): head_row_grads in backprop.rs.
+/// Adds `dlogits^T @ normed` into the host rows of the trainable tokens among the logit columns
+/// (`col_token(j)` is column `j`'s vocabulary id): head_row_grads in backprop.rs. Only the
+/// trainable columns are multiplied: `dlogits` (host, `[m, cols]`) is cut to them first.
 #[allow(clippy::too_many_arguments)]
-fn head_row_grads(cu: &Cuda, dst: &mut [f32], dlogits: &DeviceTensor, normed: &DeviceTensor, cols: usize, col_token: impl Fn(usize) -> u32, slot: &[u32], h: usize) -> Result<()> {
-    let picked: Vec<(u32, u32)> = (0..cols).filter_map(|j| { let s = slot[col_token(j) as usize]; (s != u32::MAX).then_some((j as u32, s)) }).collect();
+fn head_row_grads(cu: &Cuda, dst: &mut [f32], dlogits: &[f32], cols: usize, col_token: impl Fn(usize) -> u32, slot: &[u32], normed: &DeviceTensor, h: usize) -> Result<()> {
+    let picked: Vec<(usize, u32)> = (0..cols)
+        .filter_map(|j| {
+            let s = slot[col_token(j) as usize];
+            (s != u32::MAX).then_some((j, s))
+        })
+        .collect();
     if picked.is_empty() {
         return Ok(());
     }
-    let mut g = f32t(cu, &[cols, h], "LM-head row gradients")?;
-    matmul(cu, &mut g, dlogits, normed, Gemm::TN)?;
-    let ids: Vec<u32> = picked.iter().map(|&(j, _)| j).collect();
-    let ids = DeviceTensor::from_u32(cu, &[ids.len()], &ids, "trainable head columns")?;
-    let mut rows = f32t(cu, &[picked.len(), h], "trainable head row gradients")?;
-    embedding::gather(cu, &mut rows, &g, &ids)?;
-    let rows = rows.to_f32_vec()?;
-    for (k, &(_, s)) in picked.iter().enumerate() {
-        for (d, v) in dst[s as usize * h..(s as usize + 1) * h].iter_mut().zip(&rows[k * h..(k + 1) * h]) {
+    let m = dlogits.len() / cols.max(1);
+    let k = picked.len();
+    let sel: Vec<f32> = (0..m).flat_map(|i| picked.iter().map(move |&(j, _)| dlogits[i * cols + j])).collect();
+    let sel = DeviceTensor::from_f32(cu, &[m, k], &sel, "trainable logit-column gradients")?;
+    let mut g = f32t(cu, &[k, h], "trainable head row gradients")?;
+    matmul(cu, &mut g, &sel, normed, Gemm::TN)?;
+    let g = g.to_f32_vec()?;
+    for (r, &(_, s)) in picked.iter().enumerate() {
+        for (d, v) in dst[s as usize * h..(s as usize + 1) * h].iter_mut().zip(&g[r * h..(r + 1) * h]) {
             *d += v;
         }
     }
@@ -289,14 +295,14 @@ pub fn forward_backward(
             let probe_refs: Vec<&[f32]> = probe_logits.iter().map(Vec::as_slice).collect();
             let rows = LossRows { final_logits: &host_logits, vocab: v, targets: &tb.targets, item_mask: &tb.item_mask, probe_logits: &probe_refs, candidates, rewards: tb.rewards.as_deref() };
             let (st, g) = ilrec_loss(&rows, params, norm)?;
-            for ((&l, dz), (xr, nr)) in layers.iter().zip(&g.d_probe).zip(&probe_rows) {
-                let dz = DeviceTensor::from_f32(cu, &[m, s], dz, "probe logit gradients")?;
+            for ((&l, dz_host), (xr, nr)) in layers.iter().zip(&g.d_probe).zip(&probe_rows) {
+                let dz = DeviceTensor::from_f32(cu, &[m, s], dz_host, "probe logit gradients")?;
                 let dn = dm.input_grad_of(&dz, m, &rows_s)?;
                 let mut dx = zeros(cu, &[m, h], "probe hidden-row gradients")?;
                 ew::rms_norm_backward_dx(cu, &mut dx, &dn, xr, dm.final_norm(), None, eps)?;
                 inject.push((l, dx));
                 let dst = if tied { &mut grads.embed_rows } else { &mut grads.head_rows };
-                head_row_grads(cu, dst, &dz, nr, s, |j| candidates[j], &slot, h)?;
+                head_row_grads(cu, dst, dz_host, s, |j| candidates[j], &slot, nr, h)?;
             }
             (st, g.d_final)
         }
@@ -306,13 +312,13 @@ pub fn forward_backward(
     }
     let mut dx = zeros(cu, &[n, h], "residual gradient")?;
     {
-        let d_final = DeviceTensor::from_f32(cu, &[m, v], &d_final, "final logit gradients")?;
-        let dn = dm.input_grad_of(&d_final, m, dm.head())?;
+        let d_final_d = DeviceTensor::from_f32(cu, &[m, v], &d_final, "final logit gradients")?;
+        let dn = dm.input_grad_of(&d_final_d, m, dm.head())?;
         let mut dxr = zeros(cu, &[m, h], "final hidden-row gradients")?;
         ew::rms_norm_backward_dx(cu, &mut dxr, &dn, &xl_rows, dm.final_norm(), None, eps)?;
         embedding::scatter_add_csr(cu, &mut dx, &dxr, &scatter_offsets, &scatter_list)?;
         let dst = if tied { &mut grads.embed_rows } else { &mut grads.head_rows };
-        head_row_grads(cu, dst, &d_final, &normed, v, |j| j as u32, &slot, h)?;
+        head_row_grads(cu, dst, &d_final, v, |j| j as u32, &slot, &normed, h)?;
     }
 
     // Backward through the blocks.

@@ -386,7 +386,9 @@ fn cast(c: &mut Checker, n: usize) -> Result<()> {
     ops::cast(cuda, &mut out, &xd)?;
     let got = out.to_f32_vec()?;
     let ms = c.time(TIMING_REPS, || ops::cast(cuda, &mut out, &xd))?;
-    c.record("cast_f32_to_bf16", format!("[{n}]"), &got, &reference, TOL_BF16, ms);
+    // Both sides round to nearest even: anything but bitwise equality is a bug (truncation would
+    // pass a 1e-2 tolerance).
+    c.record("cast_f32_to_bf16", format!("[{n}]"), &got, &reference, super::TOL_EXACT, ms);
 
     // bf16 -> f32 is exact: the reference is the bf16 values themselves.
     let b = rounded(&c.random(n, 1.0));
@@ -395,6 +397,6 @@ fn cast(c: &mut Checker, n: usize) -> Result<()> {
     ops::cast(cuda, &mut out, &bd)?;
     let got = out.to_f32_vec()?;
     let ms = c.time(TIMING_REPS, || ops::cast(cuda, &mut out, &bd))?;
-    c.record("cast_bf16_to_f32", format!("[{n}]"), &got, &b, TOL_F32, ms);
+    c.record("cast_bf16_to_f32", format!("[{n}]"), &got, &b, super::TOL_EXACT, ms);
     Ok(())
 }

@@ -23,6 +23,8 @@ use std::time::Instant;
 pub const TOL_F32: f64 = 1e-4;
 /// Tolerance of bf16 paths.
 pub const TOL_BF16: f64 = 1e-2;
+/// Tolerance of operations that are exact by specification (casts): bitwise equality.
+pub const TOL_EXACT: f64 = 0.0;
 
 /// One check: a kernel on one shape.
 #[derive(Clone, Debug)]

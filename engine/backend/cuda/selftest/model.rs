@@ -124,20 +124,25 @@ fn training(c: &mut Checker) -> Result<()> {
             ("SFT", Objective::Sft),
             ("ILRec", Objective::Ilrec { params: IlrecParams::default(), layers: vec![1, layers], candidates }),
         ];
-        let dm = CudaModel::upload(c.cuda, &model, Elem::F32)?;
-        for (oname, obj) in &objectives {
-            let tag = format!("{name} {oname}, f32 weights");
-            let shape = format!("batch 2x19 (padded), {m} loss rows, LoRA r4 all targets, dropout 0.1, {} trainable tokens", trainable.len());
-            let (ws, wg) = forward_backward(&model, &lora, &tb, obj, &trainable, m as f64, true, &mut Rng::new(9))?;
-            let start = Instant::now();
-            let (gs, gg) = cuda_forward_backward(&dm, &model, &lora, &tb, obj, &trainable, m as f64, true, &mut Rng::new(9))?;
-            let ms = start.elapsed().as_secs_f64() * 1e3;
-            c.record(&format!("train loss ({tag})"), shape.clone(), &[gs.loss as f32], &[ws.loss as f32], TOL_F32, ms);
-            let flat = |g: &crate::train::backprop::Grads| -> Vec<f32> { g.lora.named().into_iter().flat_map(|(_, _, t)| t.to_vec()).collect() };
-            c.record(&format!("train LoRA gradients ({tag})"), shape.clone(), &flat(&gg), &flat(&wg), TOL_F32, 0.0);
-            c.record(&format!("train embedding-row gradients ({tag})"), shape.clone(), &gg.embed_rows, &wg.embed_rows, TOL_F32, 0.0);
-            if !wg.head_rows.is_empty() {
-                c.record(&format!("train head-row gradients ({tag})"), shape, &gg.head_rows, &wg.head_rows, TOL_F32, 0.0);
+        for (elem, tol) in [(Elem::F32, TOL_F32), (Elem::BF16, TOL_BF16)] {
+            let reference = if elem == Elem::BF16 { rounded(&model) } else { model.clone() };
+            let dm = CudaModel::upload(c.cuda, &model, elem)?;
+            for (oname, obj) in &objectives {
+                let tag = format!("{name} {oname}, {elem:?} weights");
+                let shape = format!("batch 2x19 (padded), {m} loss rows, LoRA r4 all targets, dropout 0.1, {} trainable tokens", trainable.len());
+                let (ws, wg) = forward_backward(&reference, &lora, &tb, obj, &trainable, m as f64, true, &mut Rng::new(9))?;
+                let start = Instant::now();
+                let (gs, gg) = cuda_forward_backward(&dm, &reference, &lora, &tb, obj, &trainable, m as f64, true, &mut Rng::new(9))?;
+                let ms = start.elapsed().as_secs_f64() * 1e3;
+                c.record(&format!("train loss ({tag})"), shape.clone(), &[gs.loss as f32], &[ws.loss as f32], tol, ms);
+                // One row per tensor: a wrong small tensor must not hide behind a large one.
+                for ((tname, _, g), (_, _, w)) in gg.lora.named().into_iter().zip(wg.lora.named()) {
+                    c.record(&format!("train grad {tname} ({tag})"), shape.clone(), g, w, tol, 0.0);
+                }
+                c.record(&format!("train embedding-row grads ({tag})"), shape.clone(), &gg.embed_rows, &wg.embed_rows, tol, 0.0);
+                if !wg.head_rows.is_empty() {
+                    c.record(&format!("train head-row grads ({tag})"), shape, &gg.head_rows, &wg.head_rows, tol, 0.0);
+                }
             }
         }
     }
