@@ -171,37 +171,64 @@ pub fn fallback_gemm(cuda: &Cuda, c: &mut DeviceTensor, a: &DeviceTensor, b: &De
     unsafe { cuda.launch("gemm", kernel, cfg, &args, &shape) }
 }
 
+/// The column-major call that computes a row-major product: cuBLAS's `(transa, transb, m, n, k,
+/// lda, ldb, ldc)` with its first operand being our B and its second our A. One function, used
+/// by the call and by the host test that runs these parameters through a column-major GEMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ColMajorCall {
+    trans_first: bool,
+    trans_second: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    ld_first: usize,
+    ld_second: usize,
+    ldc: usize,
+}
+
+fn col_major_call(g: Gemm, d: Dims) -> ColMajorCall {
+    // Row-major X[r, c] is column-major X^T: so C^T[n, m] = op(B)^T[n, k] op(A)^T[k, m].
+    ColMajorCall {
+        trans_first: g.trans_b,
+        trans_second: g.trans_a,
+        m: d.n,
+        n: d.m,
+        k: d.k,
+        ld_first: if g.trans_b { d.k } else { d.n },
+        ld_second: if g.trans_a { d.m } else { d.k },
+        ldc: d.n,
+    }
+}
+
 fn cublas_gemm(blas: &Blas, c: &mut DeviceTensor, a: &DeviceTensor, b: &DeviceTensor, g: Gemm, d: Dims) -> Result<()> {
     let Gemm { trans_a, trans_b, alpha, beta } = g;
+    let call = col_major_call(g, d);
     let ty = |e: Elem| match e {
         Elem::BF16 => cbs::cudaDataType::CUDA_R_16BF,
         _ => cbs::cudaDataType::CUDA_R_32F,
     };
     let op = |t: bool| if t { cbs::cublasOperation_t::CUBLAS_OP_T } else { cbs::cublasOperation_t::CUBLAS_OP_N };
-    // Column-major C^T[n, m] = op(B)^T[n, k] op(A)^T[k, m].
-    let lda = if trans_b { d.k } else { d.n };
-    let ldb = if trans_a { d.m } else { d.k };
     // SAFETY: `dims` checked the element counts and types; alpha/beta are host f32 (the handle is
     // in host pointer mode, the default); the handle runs on the runtime's stream.
     unsafe {
         cb::gemm_ex(
             blas.handle,
-            op(trans_b),
-            op(trans_a),
-            d.n as i32,
-            d.m as i32,
-            d.k as i32,
+            op(call.trans_first),
+            op(call.trans_second),
+            call.m as i32,
+            call.n as i32,
+            call.k as i32,
             &alpha as *const f32 as *const _,
             b.ptr() as *const _,
             ty(b.elem()),
-            lda as i32,
+            call.ld_first as i32,
             a.ptr() as *const _,
             ty(a.elem()),
-            ldb as i32,
+            call.ld_second as i32,
             &beta as *const f32 as *const _,
             c.ptr() as *mut _,
             ty(c.elem()),
-            d.n as i32,
+            call.ldc as i32,
             cbs::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             cbs::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
@@ -211,4 +238,48 @@ fn cublas_gemm(blas: &Blas, c: &mut DeviceTensor, a: &DeviceTensor, b: &DeviceTe
         shape: format!("C{:?} A{:?}{} B{:?}{}", c.shape(), a.shape(), if trans_a { "^T" } else { "" }, b.shape(), if trans_b { "^T" } else { "" }),
         msg: format!("{e:?}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{col_major_call, Dims, Gemm};
+    use crate::backend::cpu::{matmul_nn, matmul_nt, matmul_tn};
+
+    /// BLAS's column-major GEMM by definition: C[i + j*ldc] = alpha * sum_l opA(i, l) opB(l, j) +
+    /// beta * C, with opX(r, c) = X[r + c*ld] (N) or X[c + r*ld] (T).
+    #[allow(clippy::too_many_arguments)]
+    fn blas_gemm(ta: bool, tb: bool, m: usize, n: usize, k: usize, alpha: f32, a: &[f32], lda: usize, b: &[f32], ldb: usize, beta: f32, c: &mut [f32], ldc: usize) {
+        let at = |r: usize, col: usize| if ta { a[col + r * lda] } else { a[r + col * lda] };
+        let bt = |r: usize, col: usize| if tb { b[col + r * ldb] } else { b[r + col * ldb] };
+        for j in 0..n {
+            for i in 0..m {
+                let s: f32 = (0..k).map(|l| at(i, l) * bt(l, j)).sum();
+                // beta == 0: C is not read (BLAS semantics; a NaN-poisoned C stays harmless).
+                c[i + j * ldc] = if beta == 0.0 { alpha * s } else { alpha * s + beta * c[i + j * ldc] };
+            }
+        }
+    }
+
+    #[test]
+    fn the_cublas_call_computes_the_row_major_product_for_every_transpose() {
+        let (m, n, k) = (5usize, 7usize, 3usize);
+        let val = |i: usize| ((i * 37 + 11) % 17) as f32 - 8.0;
+        for (trans_a, trans_b) in [(false, false), (false, true), (true, false)] {
+            // Row-major A is [m, k] ([k, m] when transposed), B is [k, n] ([n, k]).
+            let a: Vec<f32> = (0..m * k).map(val).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| val(i + 5)).collect();
+            let mut want = vec![0.0f32; m * n];
+            match (trans_a, trans_b) {
+                (false, false) => matmul_nn(&mut want, n, &a, k, &b, n, m, n, k, false),
+                (false, true) => matmul_nt(&mut want, n, &a, k, &b, k, m, n, k, false),
+                _ => matmul_tn(&mut want, n, &a, m, &b, n, m, n, k, false),
+            }
+            let g = Gemm { trans_a, trans_b, alpha: 1.0, beta: 0.0 };
+            let call = col_major_call(g, Dims { m, n, k });
+            let mut got = vec![f32::NAN; m * n];
+            // cuBLAS's first operand is our B, its second our A, its C our C.
+            blas_gemm(call.trans_first, call.trans_second, call.m, call.n, call.k, 1.0, &b, call.ld_first, &a, call.ld_second, 0.0, &mut got, call.ldc);
+            assert_eq!(got, want, "trans_a {trans_a}, trans_b {trans_b}: {call:?}");
+        }
+    }
 }
