@@ -136,7 +136,7 @@ pub fn fallback_gemm(cuda: &Cuda, c: &mut DeviceTensor, a: &DeviceTensor, b: &De
     if d.m == 0 || d.n == 0 {
         return Ok(());
     }
-    if d.m.div_ceil(32) > 65_535 {
+    if d.m.div_ceil(32) > super::MAX_GRID_YZ {
         return Err(Error::Kernel {
             kernel: "gemm".into(),
             shape: format!("C{:?} A{:?} B{:?}", c.shape(), a.shape(), b.shape()),

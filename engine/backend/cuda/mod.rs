@@ -96,6 +96,9 @@ impl Arg {
     }
 }
 
+/// The largest grid.y and grid.z the driver accepts (grid.x goes to 2^31 - 1).
+pub const MAX_GRID_YZ: usize = 65_535;
+
 /// Grid, block and dynamic shared memory of one launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Launch {

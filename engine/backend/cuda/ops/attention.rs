@@ -6,7 +6,7 @@
 //! Status: compiled, unverified on GPU until `ilrec selftest --device cuda` has run on one.
 use super::{bad, describe, expect_elem, expect_len, u32_of};
 use crate::backend::cpu::AttentionShape;
-use crate::backend::cuda::{Arg, Cuda, DeviceTensor, Elem, Launch};
+use crate::backend::cuda::{Arg, Cuda, DeviceTensor, Elem, Launch, MAX_GRID_YZ};
 use crate::error::Result;
 
 const STEM: &str = "attention";
@@ -47,9 +47,9 @@ fn sizes(kernel: &str, s: AttentionShape, all: &[(&str, &DeviceTensor)]) -> Resu
     if past.checked_add(tq).is_none_or(|tk| tk > cap) {
         return Err(bad(kernel, all, format!("past {past} + tq {tq} exceeds the cache capacity {cap}")));
     }
-    // Grid (rows, heads, batch): gridDim.y and gridDim.z are at most 65535, gridDim.x 2^31 - 1.
-    if batch > 65535 || n_heads > 65535 {
-        return Err(bad(kernel, all, format!("batch {batch} and n_heads {n_heads} must be at most 65535 (grid)")));
+    // Grid (rows, heads, batch).
+    if batch > MAX_GRID_YZ || n_heads > MAX_GRID_YZ {
+        return Err(bad(kernel, all, format!("batch {batch} and n_heads {n_heads} must be at most {MAX_GRID_YZ} (grid)")));
     }
     if cap > i32::MAX as usize {
         return Err(bad(kernel, all, format!("cap {cap} exceeds i32 (grid)")));

@@ -7,8 +7,8 @@
 //! element counts, not from `shape()`: a `[batch, seq, h]` activation and its `[batch * seq, h]`
 //! view are the same operand to a row kernel. Empty operands return `Ok` without a launch, except
 //! where the result is still defined (a column sum over zero rows is zeros).
-use super::{bad, describe, expect_elem, expect_len, u32_of};
-use crate::backend::cuda::{Arg, Cuda, DeviceTensor, Elem, Launch};
+use super::{bad, expect_elem, expect_len, launch, u32_of, Ops};
+use crate::backend::cuda::{Arg, Cuda, DeviceTensor, Elem, Launch, MAX_GRID_YZ};
 use crate::error::Result;
 
 const STEM: &str = "elementwise";
@@ -23,10 +23,7 @@ const ROW_BLOCK: u32 = 256;
 /// the GPU, and pass 2 (a sequential column sum over the chunks) stays short.
 const DW_ROWS_PER_CHUNK: usize = 64;
 
-/// The largest grid.y the driver accepts.
-const MAX_GRID_Y: usize = 65_535;
 
-type Ops<'a> = Vec<(&'static str, &'a DeviceTensor)>;
 
 /// The `_f32` or `_bf16` entry point for operand `name`'s element type.
 fn entry(family: &str, f32_kernel: &'static str, bf16_kernel: &'static str, name: &str, t: &DeviceTensor, all: &[(&str, &DeviceTensor)]) -> Result<&'static str> {
@@ -60,13 +57,6 @@ fn rstd_ptr(kernel: &str, rstd: Option<&DeviceTensor>, rows: usize, all: &[(&str
     }
 }
 
-/// # Safety
-/// As `Cuda::launch`: `args` match the C signature of `kernel` and every pointer covers what the
-/// kernel touches with `cfg`.
-unsafe fn launch(cuda: &Cuda, kernel: &'static str, cfg: Launch, args: &[Arg], all: &[(&str, &DeviceTensor)]) -> Result<()> {
-    // SAFETY: forwarded from this function's contract.
-    unsafe { cuda.launch(STEM, kernel, cfg, args, &|| describe(all)) }
-}
 
 /// `y[r] = w * x[r] / sqrt(mean(x[r]^2) + eps)` per row of width `h = w.numel()`; x, y, w share
 /// the element type (f32 or bf16). `rstd [rows]` f32, when given, receives each row's
@@ -90,7 +80,7 @@ pub fn rms_norm(cuda: &Cuda, y: &mut DeviceTensor, x: &DeviceTensor, w: &DeviceT
     let args = [Arg::Ptr(y.ptr()), Arg::Ptr(x.ptr()), Arg::Ptr(w.ptr()), Arg::Ptr(rstd), Arg::U32(h), Arg::F32(eps)];
     // SAFETY: x and y hold rows * h elements and w holds h, all of the entry point's type; rstd is
     // null or rows f32. One block per row touches only its row.
-    unsafe { launch(cuda, kernel, Launch::rows(rows, ROW_BLOCK), &args, &all) }
+    unsafe { launch(cuda, STEM, kernel, Launch::rows(rows, ROW_BLOCK), &args, &all) }
 }
 
 /// Fused residual add and RMSNorm: `resid = T(resid + x)`, then `y = rms_norm(resid)` from the
@@ -125,7 +115,7 @@ pub fn rms_norm_residual(
     let args = [Arg::Ptr(y.ptr()), Arg::Ptr(resid.ptr()), Arg::Ptr(x.ptr()), Arg::Ptr(w.ptr()), Arg::Ptr(rstd), Arg::U32(h), Arg::F32(eps)];
     // SAFETY: y, resid and x hold rows * h elements and w holds h, all of one type; y and resid
     // are distinct tensors (two `&mut`), as the kernel requires; rstd is null or rows f32.
-    unsafe { launch(cuda, kernel, Launch::rows(rows, ROW_BLOCK), &args, &all) }
+    unsafe { launch(cuda, STEM, kernel, Launch::rows(rows, ROW_BLOCK), &args, &all) }
 }
 
 /// RMSNorm backward w.r.t. x, ADDED into `dx` (the CPU's `rms_norm_backward`). dx, dy `[rows, h]`
@@ -160,7 +150,7 @@ pub fn rms_norm_backward_dx(
     let args = [Arg::Ptr(dx.ptr()), Arg::Ptr(dy.ptr()), Arg::Ptr(x.ptr()), Arg::Ptr(w.ptr()), Arg::Ptr(rstd), Arg::U32(h), Arg::F32(eps)];
     // SAFETY: dx, dy (f32) and x hold rows * h elements, w holds h of x's type; rstd is null or
     // rows f32. One block per row.
-    unsafe { launch(cuda, kernel, Launch::rows(rows, ROW_BLOCK), &args, &all) }
+    unsafe { launch(cuda, STEM, kernel, Launch::rows(rows, ROW_BLOCK), &args, &all) }
 }
 
 /// RMSNorm backward w.r.t. the weight: `dw[j] (+)= sum_r dy[r, j] * x[r, j] * rstd[r]`. dw `[h]`
@@ -187,7 +177,7 @@ pub fn rms_norm_backward_dw(cuda: &Cuda, dw: &mut DeviceTensor, dy: &DeviceTenso
     let rows32 = u32_of(kernel, "rows", rows, &all)?;
     let h32 = u32_of(kernel, "h", h, &all)?;
     // Past 64 * 65535 rows the chunks grow instead of overflowing grid.y.
-    let rows_per_chunk = DW_ROWS_PER_CHUNK.max(rows.div_ceil(MAX_GRID_Y));
+    let rows_per_chunk = DW_ROWS_PER_CHUNK.max(rows.div_ceil(MAX_GRID_YZ));
     let chunks = rows.div_ceil(rows_per_chunk);
     let partial = DeviceTensor::empty(cuda, &[chunks, h], Elem::F32, "rms_norm_backward_dw partial sums")?;
     let cfg = Launch { grid: (h.div_ceil(32) as u32, chunks as u32, 1), block: (32, 8, 1), shared_bytes: 0 };
@@ -203,7 +193,7 @@ pub fn rms_norm_backward_dw(cuda: &Cuda, dw: &mut DeviceTensor, dy: &DeviceTenso
     // SAFETY: dy and x hold rows * h elements, rstd rows; partial holds chunks * h f32, and the
     // grid is exactly (ceil(h/32), chunks) with the (32, 8) block the kernel is written for, so
     // every partial[chunk, j] is written before pass 2 reads it (stream order).
-    unsafe { launch(cuda, kernel, cfg, &args, &all)? };
+    unsafe { launch(cuda, STEM, kernel, cfg, &args, &all)? };
     // `partial` is freed when this returns, while pass 2 may still be queued: the allocator only
     // hands the block out again to work queued later on the same stream.
     column_sum(cuda, dw, &partial, accumulate)
@@ -229,7 +219,7 @@ pub fn column_sum(cuda: &Cuda, out: &mut DeviceTensor, input: &DeviceTensor, acc
     let args = [Arg::Ptr(out.ptr()), Arg::Ptr(input.ptr()), Arg::U32(rows), Arg::U32(cols32), Arg::I32(accumulate as i32)];
     // SAFETY: input holds rows * cols f32 and out cols f32 (distinct tensors, as the kernel's
     // __restrict__ needs); threads past `cols` return at once.
-    unsafe { launch(cuda, kernel, cfg, &args, &all) }
+    unsafe { launch(cuda, STEM, kernel, cfg, &args, &all) }
 }
 
 /// Launches `kernel` (a RoPE entry point already matched to x's type) after checking x
@@ -259,7 +249,7 @@ fn rope_launch(cuda: &Cuda, kernel: &'static str, x: &DeviceTensor, cos: &Device
     ];
     // SAFETY: x holds rows * n_heads * head_dim elements of the entry point's type, cos and sin
     // rows * head_dim/2 f32; the grid-stride loop visits exactly the rows * n_heads * half pairs.
-    unsafe { launch(cuda, kernel, Launch::elements(rows * n_heads * half), &args, &all) }
+    unsafe { launch(cuda, STEM, kernel, Launch::elements(rows * n_heads * half), &args, &all) }
 }
 
 /// Rotary embedding in place, HF `rotate_half` layout: x `[rows, n_heads * head_dim]` f32 or
@@ -293,7 +283,7 @@ fn swiglu_launch(cuda: &Cuda, out: &DeviceTensor, gate: &DeviceTensor, up: &Devi
     let args = [Arg::Ptr(out.ptr()), Arg::Ptr(gate.ptr()), Arg::Ptr(up.ptr()), Arg::U64(n as u64)];
     // SAFETY: out, gate and up hold n elements of one type; out may be gate (each element is read
     // before it is written, by the same thread).
-    unsafe { launch(cuda, kernel, Launch::elements(n), &args, all) }
+    unsafe { launch(cuda, STEM, kernel, Launch::elements(n), &args, all) }
 }
 
 /// SwiGLU: `out = silu(gate) * up` (the CPU's Cephes exp, bitwise its result); all `[n]` of one
@@ -327,7 +317,7 @@ pub fn swiglu_backward(cuda: &Cuda, dg: &mut DeviceTensor, du: &mut DeviceTensor
     }
     let args = [Arg::Ptr(dg.ptr()), Arg::Ptr(du.ptr()), Arg::Ptr(da.ptr()), Arg::Ptr(gate.ptr()), Arg::Ptr(up.ptr()), Arg::U64(n as u64)];
     // SAFETY: dg, du, da hold n f32 and gate, up n elements of the entry point's type.
-    unsafe { launch(cuda, kernel, Launch::elements(n), &args, &all) }
+    unsafe { launch(cuda, STEM, kernel, Launch::elements(n), &args, &all) }
 }
 
 /// `x[r, :] += bias` for every row: x `[rows, cols]`, bias `[cols]`, one type.
@@ -342,7 +332,7 @@ pub fn add_bias(cuda: &Cuda, x: &mut DeviceTensor, bias: &DeviceTensor) -> Resul
     }
     let args = [Arg::Ptr(x.ptr()), Arg::Ptr(bias.ptr()), Arg::U32(u32_of(kernel, "rows", rows, &all)?), Arg::U32(u32_of(kernel, "cols", cols, &all)?)];
     // SAFETY: x holds rows * cols elements and bias cols, of one type.
-    unsafe { launch(cuda, kernel, Launch::elements(x.numel()), &args, &all) }
+    unsafe { launch(cuda, STEM, kernel, Launch::elements(x.numel()), &args, &all) }
 }
 
 /// Residual add `acc += x`, both `[n]` of one type (bf16 sums are rounded, as a store would).
@@ -357,7 +347,7 @@ pub fn add_inplace(cuda: &Cuda, acc: &mut DeviceTensor, x: &DeviceTensor) -> Res
     }
     let args = [Arg::Ptr(acc.ptr()), Arg::Ptr(x.ptr()), Arg::U64(n as u64)];
     // SAFETY: acc and x hold n elements of one type.
-    unsafe { launch(cuda, kernel, Launch::elements(n), &args, &all) }
+    unsafe { launch(cuda, STEM, kernel, Launch::elements(n), &args, &all) }
 }
 
 /// Element type conversion: f32 -> bf16 (round to nearest even) or bf16 -> f32 (exact); same
@@ -377,5 +367,5 @@ pub fn cast(cuda: &Cuda, out: &mut DeviceTensor, input: &DeviceTensor) -> Result
     let args = [Arg::Ptr(out.ptr()), Arg::Ptr(input.ptr()), Arg::U64(n as u64)];
     // SAFETY: out and input hold n elements of the types the entry point names, in distinct
     // tensors (the kernel's __restrict__).
-    unsafe { launch(cuda, kernel, Launch::elements(n), &args, &all) }
+    unsafe { launch(cuda, STEM, kernel, Launch::elements(n), &args, &all) }
 }

@@ -8,8 +8,8 @@
 //! vocabulary; [`csr_positions`] builds valid lists). The kernels only ever WRITE in bounds (the
 //! output element is fixed by the thread's block and column); a bad index makes them READ outside
 //! a table, which yields a garbage row or an illegal-address fault that the next sync reports.
-use super::{bad, describe, expect_elem, expect_len, u32_of};
-use crate::backend::cuda::{Arg, Cuda, DeviceTensor, Elem, Launch};
+use super::{bad, expect_elem, expect_len, launch, u32_of, Ops};
+use crate::backend::cuda::{Arg, Cuda, DeviceTensor, Elem, Launch, MAX_GRID_YZ};
 use crate::error::{Error, Result};
 
 const STEM: &str = "embedding";
@@ -20,17 +20,8 @@ pub const NOT_TRAINABLE: u32 = u32::MAX;
 /// Threads per block of the scatter kernels; grid.y tiles the hidden size by this.
 const SCATTER_BLOCK: usize = 256;
 
-/// The largest grid.y the driver accepts.
-const MAX_GRID_Y: usize = 65_535;
 
-type Ops<'a> = Vec<(&'static str, &'a DeviceTensor)>;
 
-/// # Safety
-/// As `Cuda::launch`.
-unsafe fn launch(cuda: &Cuda, kernel: &'static str, cfg: Launch, args: &[Arg], all: &[(&str, &DeviceTensor)]) -> Result<()> {
-    // SAFETY: forwarded from this function's contract.
-    unsafe { cuda.launch(STEM, kernel, cfg, args, &|| describe(all)) }
-}
 
 /// `(rows, h)` of a table-like operand: h is the last dimension, rows the product of the others
 /// (a `[batch, seq, h]` activation is a table of batch * seq rows). The row width has to come
@@ -70,14 +61,14 @@ pub fn gather(cuda: &Cuda, out: &mut DeviceTensor, table: &DeviceTensor, tokens:
     let args = [Arg::Ptr(out.ptr()), Arg::Ptr(table.ptr()), Arg::Ptr(tokens.ptr()), Arg::U32(u32_of(kernel, "n", n, &all)?), Arg::U32(u32_of(kernel, "h", h, &all)?)];
     // SAFETY: out holds n * h elements and tokens n u32 of the types the entry point names; table
     // rows are read at the token ids, which the caller guarantees are < vocab (documented above).
-    unsafe { launch(cuda, kernel, Launch::elements(nh), &args, &all) }
+    unsafe { launch(cuda, STEM, kernel, Launch::elements(nh), &args, &all) }
 }
 
 /// The scatter kernels' grid: one block row per slot, grid.y tiles of 256 columns.
 fn scatter_cfg(kernel: &str, n_slots: usize, h: usize, all: &[(&str, &DeviceTensor)]) -> Result<Launch> {
     let tiles = h.div_ceil(SCATTER_BLOCK);
-    if tiles > MAX_GRID_Y {
-        return Err(bad(kernel, all, format!("h = {h} needs {tiles} column tiles, more than grid.y allows ({MAX_GRID_Y})")));
+    if tiles > MAX_GRID_YZ {
+        return Err(bad(kernel, all, format!("h = {h} needs {tiles} column tiles, more than grid.y allows ({MAX_GRID_YZ})")));
     }
     if n_slots > i32::MAX as usize {
         return Err(bad(kernel, all, format!("{n_slots} slots exceed grid.x")));
@@ -123,7 +114,7 @@ pub fn scatter_add_csr(cuda: &Cuda, grad: &mut DeviceTensor, dx: &DeviceTensor, 
     // SAFETY: grad holds n_slots * h f32 and the grid covers (n_slots, >= h columns), writing only
     // grad[s, col < h]; offsets holds n_slots + 1 u32; the list contents are the caller's
     // guarantee (documented above).
-    unsafe { launch(cuda, kernel, cfg, &args, &all) }
+    unsafe { launch(cuda, STEM, kernel, cfg, &args, &all) }
 }
 
 /// The CPU loop verbatim, without preprocessing: `grad[slot[tokens[i]], :] += dx[i, :]` for each
@@ -160,7 +151,7 @@ pub fn scatter_add_scan(cuda: &Cuda, grad: &mut DeviceTensor, dx: &DeviceTensor,
     ];
     // SAFETY: grad holds n_slots * h f32 (the only writes, at grad[s, col < h]); dx n * h f32;
     // tokens n u32, mask n u8; slot is indexed by token ids the caller guarantees are < vocab.
-    unsafe { launch(cuda, kernel, cfg, &args, &all) }
+    unsafe { launch(cuda, STEM, kernel, cfg, &args, &all) }
 }
 
 /// Host side of [`scatter_add_csr`]: `(offsets, positions)` where `positions[offsets[s] ..

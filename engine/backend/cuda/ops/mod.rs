@@ -12,8 +12,21 @@ pub mod softmax;
 pub use super::blas::{fallback_gemm, matmul, Gemm, GemmImpl};
 
 use super::tensor::Elem;
-use super::DeviceTensor;
+use super::{Arg, Cuda, DeviceTensor, Launch};
 use crate::error::{Error, Result};
+
+/// Named operands of one launch, for checks and error messages.
+pub(crate) type Ops<'a> = Vec<(&'static str, &'a DeviceTensor)>;
+
+/// Queues `kernel` of kernels/`stem`.cu with the operands `all` as the error message's shape.
+///
+/// # Safety
+/// As `Cuda::launch`: `args` match the C signature of `kernel` and every pointer covers what the
+/// kernel touches with `cfg`.
+pub(crate) unsafe fn launch(cuda: &Cuda, stem: &'static str, kernel: &'static str, cfg: Launch, args: &[Arg], all: &[(&str, &DeviceTensor)]) -> Result<()> {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { cuda.launch(stem, kernel, cfg, args, &|| describe(all)) }
+}
 
 /// `Error::Kernel` for `kernel`, with the shapes of `operands` as the shape.
 pub(crate) fn bad(kernel: &str, operands: &[(&str, &DeviceTensor)], msg: impl Into<String>) -> Error {
