@@ -74,16 +74,9 @@ impl CudaKvCache {
     }
 }
 
-fn upload(cuda: &Cuda, shape: &[usize], v: &[f32], elem: Elem, what: &str) -> Result<DeviceTensor> {
-    match elem {
-        Elem::BF16 => DeviceTensor::from_f32_as_bf16(cuda, shape, v, what),
-        _ => DeviceTensor::from_f32(cuda, shape, v, what),
-    }
-}
-
 fn dlinear(cuda: &Cuda, l: &crate::model::Linear, elem: Elem, what: &str) -> Result<DLinear> {
     Ok(DLinear {
-        w: upload(cuda, &[l.out_dim, l.in_dim], &l.w, elem, what)?,
+        w: DeviceTensor::from_f32_in(cuda, &[l.out_dim, l.in_dim], &l.w, elem, what)?,
         b: l.b.as_ref().map(|b| DeviceTensor::from_f32(cuda, &[l.out_dim], b, what)).transpose()?,
         out_dim: l.out_dim,
     })
@@ -117,12 +110,12 @@ impl CudaModel {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let head = model.lm_head.as_ref().map(|l| upload(cuda, &[c.vocab_size, h], &l.w, weights, "lm_head")).transpose()?;
+        let head = model.lm_head.as_ref().map(|l| DeviceTensor::from_f32_in(cuda, &[c.vocab_size, h], &l.w, weights, "lm_head")).transpose()?;
         Ok(CudaModel {
             cuda: cuda.clone(),
             config: c.clone(),
             weights,
-            embed: upload(cuda, &[c.vocab_size, h], &model.embed, weights, "model.embed_tokens")?,
+            embed: DeviceTensor::from_f32_in(cuda, &[c.vocab_size, h], &model.embed, weights, "model.embed_tokens")?,
             blocks,
             norm: DeviceTensor::from_f32(cuda, &[h], &model.norm, "model.norm")?,
             head,

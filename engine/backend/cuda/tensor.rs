@@ -105,6 +105,15 @@ impl DeviceTensor {
         Self::from_slice(cuda, shape, &b, Elem::BF16, what)
     }
 
+    /// f32 data stored as `elem`: f32 as is, bf16 rounded to nearest even on the host.
+    pub fn from_f32_in(cuda: &Cuda, shape: &[usize], v: &[f32], elem: Elem, what: &str) -> Result<Self> {
+        match elem {
+            Elem::F32 => Self::from_f32(cuda, shape, v, what),
+            Elem::BF16 => Self::from_f32_as_bf16(cuda, shape, v, what),
+            other => Err(Error::Input(format!("{what}: f32 data cannot be stored as {other:?}"))),
+        }
+    }
+
     /// u32 data (token ids, targets, offsets).
     pub fn from_u32(cuda: &Cuda, shape: &[usize], v: &[u32], what: &str) -> Result<Self> {
         Self::from_slice(cuda, shape, v, Elem::U32, what)

@@ -5,7 +5,7 @@
 //! (past > 0) whose unused rows beyond `past + tq` hold NaN (the kernel must not read them). The
 //! log-sum-exp the forward writes is checked against an f64 host computation (exactly `-inf` on
 //! rows that see no key). The backward runs on the GPU forward's `out` and `lse`, as in training.
-use super::{Checker, TOL_BF16, TOL_F32};
+use super::{round_bf16, Checker, TOL_BF16, TOL_F32};
 use crate::backend::cpu::{attention, attention_backward, AttentionShape};
 use crate::backend::cuda::ops::attention::{attention_backward as gpu_backward, attention_forward as gpu_forward};
 use crate::backend::cuda::{DeviceTensor, Elem};
@@ -66,18 +66,6 @@ pub(super) fn check(c: &mut Checker) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// `v` rounded to bf16 and back (the values a bf16 tensor holds).
-fn round_bf16(v: &mut [f32]) {
-    v.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
-}
-
-fn upload(c: &Checker, shape: &[usize], v: &[f32], elem: Elem, what: &str) -> Result<DeviceTensor> {
-    match elem {
-        Elem::BF16 => DeviceTensor::from_f32_as_bf16(c.cuda, shape, v, what),
-        _ => DeviceTensor::from_f32(c.cuda, shape, v, what),
-    }
 }
 
 /// Log-sum-exp of every (sequence, head, query) row in f64 from the f32 inputs, `-inf` where the
@@ -145,9 +133,9 @@ fn check_case(c: &mut Checker, case: &Case, elem: Elem) -> Result<()> {
         }
     }
     if elem == Elem::BF16 {
-        round_bf16(&mut q);
-        round_bf16(&mut k);
-        round_bf16(&mut v);
+        q = round_bf16(&q);
+        k = round_bf16(&k);
+        v = round_bf16(&v);
     }
     let mask_u8: Vec<u8> = case.mask.iter().map(|&m| u8::from(m)).collect();
 
@@ -155,9 +143,9 @@ fn check_case(c: &mut Checker, case: &Case, elem: Elem) -> Result<()> {
     let mut want = vec![0.0f32; q.len()];
     attention(&mut want, &q, &k, &v, &case.mask, s);
     let want_lse = reference_lse(&q, &k, &case.mask, s);
-    let q_dev = upload(c, &q_shape, &q, elem, "attention q")?;
-    let k_dev = upload(c, &kv_shape, &k, elem, "attention k")?;
-    let v_dev = upload(c, &kv_shape, &v, elem, "attention v")?;
+    let q_dev = DeviceTensor::from_f32_in(c.cuda, &q_shape, &q, elem, "attention q")?;
+    let k_dev = DeviceTensor::from_f32_in(c.cuda, &kv_shape, &k, elem, "attention k")?;
+    let v_dev = DeviceTensor::from_f32_in(c.cuda, &kv_shape, &v, elem, "attention v")?;
     let mask_dev = DeviceTensor::from_u8(cuda, &[batch, cap], &mask_u8, "attention key_mask")?;
     let mut out = DeviceTensor::empty(cuda, &q_shape, elem, "attention out")?;
     let mut lse = DeviceTensor::empty(cuda, &[batch, n_heads, tq], Elem::F32, "attention lse")?;

@@ -6,12 +6,11 @@
 //! poisoned (0xFF = NaN) outputs, or on uploaded initial values where the kernel adds into its
 //! output, and that first result is the recorded error; the timing reruns come after the read-back,
 //! so a launch that is not idempotent only disturbs values already checked.
-use super::{Checker, TOL_BF16, TOL_F32};
+use super::{round_bf16, Checker, TOL_BF16, TOL_F32};
 use crate::backend::cpu;
 use crate::backend::cuda::ops::elementwise as ops;
 use crate::backend::cuda::{Cuda, DeviceTensor, Elem};
 use crate::error::Result;
-use half::bf16;
 
 /// `[rows, h]` of the row kernels: odd widths (not multiples of 32 or 256) and one model-sized
 /// shape (SmolLM2-135M's hidden size) with a row count that is not a multiple of the dw chunk.
@@ -23,24 +22,13 @@ const EPS: f32 = 1e-5;
 const THETA: f32 = 100_000.0;
 const TIMING_REPS: usize = 5;
 
-fn rounded(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
-}
-
 /// Random inputs with outliers, already representable in `e` (rounded for bf16).
 fn input(c: &mut Checker, n: usize, scale: f32, e: Elem) -> Vec<f32> {
     let v = c.random(n, scale);
     if e == Elem::BF16 {
-        rounded(&v)
+        round_bf16(&v)
     } else {
         v
-    }
-}
-
-fn upload(cuda: &Cuda, shape: &[usize], v: &[f32], e: Elem, what: &str) -> Result<DeviceTensor> {
-    match e {
-        Elem::BF16 => DeviceTensor::from_f32_as_bf16(cuda, shape, v, what),
-        _ => DeviceTensor::from_f32(cuda, shape, v, what),
     }
 }
 
@@ -123,8 +111,8 @@ fn rms_norm(c: &mut Checker, e: Elem, rows: usize, h: usize) -> Result<()> {
     cpu::rms_norm(&mut reference, &x, &w, EPS);
     let rstd_ref = f32s(&rstd_f64(&x, h, EPS));
 
-    let dx = upload(cuda, &[rows, h], &x, e, "x")?;
-    let dw = upload(cuda, &[h], &w, e, "w")?;
+    let dx = DeviceTensor::from_f32_in(cuda, &[rows, h], &x, e, "x")?;
+    let dw = DeviceTensor::from_f32_in(cuda, &[h], &w, e, "w")?;
     let mut y = poisoned(cuda, &[rows, h], e, "y")?;
     let mut rstd = poisoned(cuda, &[rows], Elem::F32, "rstd")?;
     ops::rms_norm(cuda, &mut y, &dx, &dw, Some(&mut rstd), EPS)?;
@@ -148,15 +136,15 @@ fn rms_norm_residual(c: &mut Checker, e: Elem, rows: usize, h: usize) -> Result<
     let mut resid_ref = resid0.clone();
     cpu::add_inplace(&mut resid_ref, &x);
     if e == Elem::BF16 {
-        resid_ref = rounded(&resid_ref);
+        resid_ref = round_bf16(&resid_ref);
     }
     let mut reference = vec![0.0f32; rows * h];
     cpu::rms_norm(&mut reference, &resid_ref, &w, EPS);
     let rstd_ref = f32s(&rstd_f64(&resid_ref, h, EPS));
 
-    let mut resid = upload(cuda, &[rows, h], &resid0, e, "resid")?;
-    let dx = upload(cuda, &[rows, h], &x, e, "x")?;
-    let dw = upload(cuda, &[h], &w, e, "w")?;
+    let mut resid = DeviceTensor::from_f32_in(cuda, &[rows, h], &resid0, e, "resid")?;
+    let dx = DeviceTensor::from_f32_in(cuda, &[rows, h], &x, e, "x")?;
+    let dw = DeviceTensor::from_f32_in(cuda, &[h], &w, e, "w")?;
     let mut y = poisoned(cuda, &[rows, h], e, "y")?;
     let mut rstd = poisoned(cuda, &[rows], Elem::F32, "rstd")?;
     ops::rms_norm_residual(cuda, &mut y, &mut resid, &dx, &dw, Some(&mut rstd), EPS)?;
@@ -185,8 +173,8 @@ fn rms_norm_backward_dx(c: &mut Checker, e: Elem, rows: usize, h: usize) -> Resu
 
     let mut dx = DeviceTensor::from_f32(cuda, &[rows, h], &dx0, "dx")?;
     let ddy = DeviceTensor::from_f32(cuda, &[rows, h], &dy, "dy")?;
-    let xd = upload(cuda, &[rows, h], &x, e, "x")?;
-    let wd = upload(cuda, &[h], &w, e, "w")?;
+    let xd = DeviceTensor::from_f32_in(cuda, &[rows, h], &x, e, "x")?;
+    let wd = DeviceTensor::from_f32_in(cuda, &[h], &w, e, "w")?;
     let mut rstd = poisoned(cuda, &[rows], Elem::F32, "rstd")?;
     ops::rms_norm_backward_dx(cuda, &mut dx, &ddy, &xd, &wd, Some(&mut rstd), EPS)?;
     let out = dx.to_f32_vec()?;
@@ -216,7 +204,7 @@ fn rms_norm_backward_dw(c: &mut Checker, e: Elem, rows: usize, h: usize, accumul
     let reference = f32s(&acc);
 
     let ddy = DeviceTensor::from_f32(cuda, &[rows, h], &dy, "dy")?;
-    let xd = upload(cuda, &[rows, h], &x, e, "x")?;
+    let xd = DeviceTensor::from_f32_in(cuda, &[rows, h], &x, e, "x")?;
     let rd = DeviceTensor::from_f32(cuda, &[rows], &rstd, "rstd")?;
     let mut dw = if accumulate { DeviceTensor::from_f32(cuda, &[h], &dw0, "dw")? } else { poisoned(cuda, &[h], Elem::F32, "dw")? };
     ops::rms_norm_backward_dw(cuda, &mut dw, &ddy, &xd, &rd, accumulate)?;
@@ -263,7 +251,7 @@ fn rope(c: &mut Checker, e: Elem, rows: usize, n_heads: usize, head_dim: usize) 
     let mut reference = x.clone();
     cpu::rope_inplace(&mut reference, n_heads, head_dim, &cos, &sin);
 
-    let mut xd = upload(cuda, &[rows, width], &x, e, "x")?;
+    let mut xd = DeviceTensor::from_f32_in(cuda, &[rows, width], &x, e, "x")?;
     let cd = DeviceTensor::from_f32(cuda, &[rows, head_dim / 2], &cos, "cos")?;
     let sd = DeviceTensor::from_f32(cuda, &[rows, head_dim / 2], &sin, "sin")?;
     ops::rope(cuda, &mut xd, &cd, &sd, n_heads, head_dim)?;
@@ -302,8 +290,8 @@ fn swiglu(c: &mut Checker, e: Elem, n: usize) -> Result<()> {
     let mut reference = gate.clone();
     cpu::silu_mul(&mut reference, &up);
 
-    let gd = upload(cuda, &[n], &gate, e, "gate")?;
-    let ud = upload(cuda, &[n], &up, e, "up")?;
+    let gd = DeviceTensor::from_f32_in(cuda, &[n], &gate, e, "gate")?;
+    let ud = DeviceTensor::from_f32_in(cuda, &[n], &up, e, "up")?;
     let mut out = poisoned(cuda, &[n], e, "out")?;
     ops::swiglu(cuda, &mut out, &gd, &ud)?;
     let got = out.to_f32_vec()?;
@@ -311,7 +299,7 @@ fn swiglu(c: &mut Checker, e: Elem, n: usize) -> Result<()> {
     c.record(&name, format!("[{n}]"), &got, &reference, tol(e), ms);
 
     // In place on gate (out aliases gate in the kernel).
-    let mut g2 = upload(cuda, &[n], &gate, e, "gate")?;
+    let mut g2 = DeviceTensor::from_f32_in(cuda, &[n], &gate, e, "gate")?;
     ops::swiglu_inplace(cuda, &mut g2, &ud)?;
     let got = g2.to_f32_vec()?;
     let ms = c.time(TIMING_REPS, || ops::swiglu_inplace(cuda, &mut g2, &ud))?;
@@ -328,8 +316,8 @@ fn swiglu_backward(c: &mut Checker, e: Elem, n: usize) -> Result<()> {
     let (mut dg_ref, mut du_ref) = (vec![0.0f32; n], vec![0.0f32; n]);
     cpu::silu_mul_backward(&mut dg_ref, &mut du_ref, &da, &gate, &up);
 
-    let gd = upload(cuda, &[n], &gate, e, "gate")?;
-    let ud = upload(cuda, &[n], &up, e, "up")?;
+    let gd = DeviceTensor::from_f32_in(cuda, &[n], &gate, e, "gate")?;
+    let ud = DeviceTensor::from_f32_in(cuda, &[n], &up, e, "up")?;
     let dad = DeviceTensor::from_f32(cuda, &[n], &da, "da")?;
     let mut dg = poisoned(cuda, &[n], Elem::F32, "dg")?;
     let mut du = poisoned(cuda, &[n], Elem::F32, "du")?;
@@ -350,8 +338,8 @@ fn add_bias(c: &mut Checker, e: Elem, rows: usize, cols: usize) -> Result<()> {
     let mut reference = x.clone();
     cpu::add_bias(&mut reference, &bias);
 
-    let mut xd = upload(cuda, &[rows, cols], &x, e, "x")?;
-    let bd = upload(cuda, &[cols], &bias, e, "bias")?;
+    let mut xd = DeviceTensor::from_f32_in(cuda, &[rows, cols], &x, e, "x")?;
+    let bd = DeviceTensor::from_f32_in(cuda, &[cols], &bias, e, "bias")?;
     ops::add_bias(cuda, &mut xd, &bd)?;
     let out = xd.to_f32_vec()?;
     let ms = c.time(TIMING_REPS, || ops::add_bias(cuda, &mut xd, &bd))?;
@@ -367,8 +355,8 @@ fn add_inplace(c: &mut Checker, e: Elem, n: usize) -> Result<()> {
     let mut reference = acc.clone();
     cpu::add_inplace(&mut reference, &x);
 
-    let mut ad = upload(cuda, &[n], &acc, e, "acc")?;
-    let xd = upload(cuda, &[n], &x, e, "x")?;
+    let mut ad = DeviceTensor::from_f32_in(cuda, &[n], &acc, e, "acc")?;
+    let xd = DeviceTensor::from_f32_in(cuda, &[n], &x, e, "x")?;
     ops::add_inplace(cuda, &mut ad, &xd)?;
     let out = ad.to_f32_vec()?;
     let ms = c.time(TIMING_REPS, || ops::add_inplace(cuda, &mut ad, &xd))?;
@@ -380,7 +368,7 @@ fn cast(c: &mut Checker, n: usize) -> Result<()> {
     let cuda = c.cuda;
     // f32 -> bf16: the reference is the host's round-to-nearest-even.
     let x = c.random(n, 1.0);
-    let reference = rounded(&x);
+    let reference = round_bf16(&x);
     let xd = DeviceTensor::from_f32(cuda, &[n], &x, "input")?;
     let mut out = poisoned(cuda, &[n], Elem::BF16, "out")?;
     ops::cast(cuda, &mut out, &xd)?;
@@ -391,7 +379,7 @@ fn cast(c: &mut Checker, n: usize) -> Result<()> {
     c.record("cast_f32_to_bf16", format!("[{n}]"), &got, &reference, super::TOL_EXACT, ms);
 
     // bf16 -> f32 is exact: the reference is the bf16 values themselves.
-    let b = rounded(&c.random(n, 1.0));
+    let b = round_bf16(&c.random(n, 1.0));
     let bd = DeviceTensor::from_f32_as_bf16(cuda, &[n], &b, "input")?;
     let mut out = poisoned(cuda, &[n], Elem::F32, "out")?;
     ops::cast(cuda, &mut out, &bd)?;

@@ -2,12 +2,11 @@
 //! called directly (`fallback_gemm`), against engine/backend/cpu/matmul.rs in f32. bf16 inputs
 //! are rounded on the host and the reference runs on the rounded values, so an f32 output is held
 //! to the f32 tolerance; a bf16 output to the bf16 one (its own rounding is ~2^-9 relative).
-use super::{Checker, TOL_BF16, TOL_F32};
+use super::{round_bf16, Checker, TOL_BF16, TOL_F32};
 use crate::backend::cpu::{matmul_nn, matmul_nt, matmul_tn};
 use crate::backend::cuda::ops::{fallback_gemm, matmul, Gemm, GemmImpl};
 use crate::backend::cuda::{DeviceTensor, Elem};
 use crate::error::{Error, Result};
-use half::bf16;
 
 /// (m, n, k): no dimension a multiple of the 32-wide tile, a single row, and a K over 1024.
 const SHAPES: [(usize, usize, usize); 3] = [(37, 577, 129), (1, 1000, 576), (200, 96, 1031)];
@@ -63,10 +62,6 @@ pub(super) fn check(c: &mut Checker) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn round_bf16(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
 }
 
 /// `v` on the device as f32 or bf16, and the values the device holds (the reference's input).

@@ -26,6 +26,12 @@ pub const TOL_BF16: f64 = 1e-2;
 /// Tolerance of operations that are exact by specification (casts): bitwise equality.
 pub const TOL_EXACT: f64 = 0.0;
 
+/// `v` rounded to bf16 and back: the values a bf16 tensor holds (the reference's inputs for bf16
+/// paths).
+pub fn round_bf16(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
+}
+
 /// One check: a kernel on one shape.
 #[derive(Clone, Debug)]
 pub struct CheckRow {

@@ -66,7 +66,7 @@ const QWEN2: &str = r#"{"model_type": "qwen2", "hidden_size": 80, "intermediate_
 
 /// Every weight rounded to bf16 (the CPU reference of a bf16 upload).
 fn rounded(model: &Model) -> Model {
-    let r = |v: &mut Vec<f32>| v.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
+    let r = |v: &mut Vec<f32>| *v = super::round_bf16(v);
     let mut m = model.clone();
     r(&mut m.embed);
     for b in &mut m.blocks {
