@@ -1,5 +1,5 @@
 //! The batched forward pass with block taps and probe logits (ILREC.md section 2).
-use super::{Batch, KvCache, Model};
+use super::{Batch, KvCache, Model, ModelConfig};
 use crate::backend::cpu::{self, AttentionShape};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -55,42 +55,11 @@ impl Model {
         self.forward_cached(batch, &mut cache, opts)
     }
 
-    fn check_inputs(&self, batch: &Batch, cache: &KvCache, opts: &ForwardOptions) -> Result<()> {
-        let c = &self.config;
-        if batch.tokens.len() != batch.batch * batch.seq || batch.mask.len() != batch.tokens.len() {
-            return Err(Error::Input(format!("batch {}x{} has {} tokens, {} mask entries", batch.batch, batch.seq, batch.tokens.len(), batch.mask.len())));
-        }
-        if batch.batch == 0 || batch.seq == 0 {
-            return Err(Error::Input(format!("empty batch ({}x{} tokens)", batch.batch, batch.seq)));
-        }
-        if batch.batch != cache.batch() {
-            return Err(Error::Input(format!("batch of {} sequences with a cache of {}", batch.batch, cache.batch())));
-        }
-        if let Some((pos, &tok)) = batch.tokens.iter().enumerate().find(|(_, &t)| t as usize >= c.vocab_size) {
-            return Err(Error::Input(format!(
-                "token id {tok} at sequence {}, position {} is outside the vocabulary ({} tokens)",
-                pos / batch.seq.max(1),
-                pos % batch.seq.max(1),
-                c.vocab_size
-            )));
-        }
-        let probe_layers = opts.probe.iter().flat_map(|p| p.layers.iter());
-        for &l in opts.taps.iter().chain(probe_layers) {
-            if l == 0 || l > c.num_layers {
-                return Err(Error::Input(format!("block {l} does not exist: blocks are numbered 1..={}", c.num_layers)));
-            }
-        }
-        if let Some(&t) = opts.probe.as_ref().and_then(|p| p.tokens.as_ref()).and_then(|t| t.iter().find(|&&t| t as usize >= c.vocab_size)) {
-            return Err(Error::Input(format!("probe token id {t} is outside the vocabulary ({} tokens)", c.vocab_size)));
-        }
-        Ok(())
-    }
-
     /// Runs `batch` as the continuation of what `cache` holds, appending its keys and values.
     /// With an empty cache this is the full forward; outputs on real tokens do not depend on
     /// how a sequence is split into chunks.
     pub fn forward_cached(&self, batch: &Batch, cache: &mut KvCache, opts: &ForwardOptions) -> Result<ForwardOutput> {
-        self.check_inputs(batch, cache, opts)?;
+        check_forward_inputs(&self.config, batch, cache.batch(), opts)?;
         let c = &self.config;
         let (bsz, t, h) = (batch.batch, batch.seq, c.hidden_size);
         let n = bsz * t;
@@ -219,6 +188,38 @@ impl Model {
             }
         }
     }
+}
+
+/// Checks a forward's inputs against the model (`c`) and a cache of `cache_batch` sequences:
+/// shared by the CPU and the CUDA forward, so both refuse the same inputs with the same words.
+pub(crate) fn check_forward_inputs(c: &ModelConfig, batch: &Batch, cache_batch: usize, opts: &ForwardOptions) -> Result<()> {
+    if batch.tokens.len() != batch.batch * batch.seq || batch.mask.len() != batch.tokens.len() {
+        return Err(Error::Input(format!("batch {}x{} has {} tokens, {} mask entries", batch.batch, batch.seq, batch.tokens.len(), batch.mask.len())));
+    }
+    if batch.batch == 0 || batch.seq == 0 {
+        return Err(Error::Input(format!("empty batch ({}x{} tokens)", batch.batch, batch.seq)));
+    }
+    if batch.batch != cache_batch {
+        return Err(Error::Input(format!("batch of {} sequences with a cache of {cache_batch}", batch.batch)));
+    }
+    if let Some((pos, &tok)) = batch.tokens.iter().enumerate().find(|(_, &t)| t as usize >= c.vocab_size) {
+        return Err(Error::Input(format!(
+            "token id {tok} at sequence {}, position {} is outside the vocabulary ({} tokens)",
+            pos / batch.seq.max(1),
+            pos % batch.seq.max(1),
+            c.vocab_size
+        )));
+    }
+    let probe_layers = opts.probe.iter().flat_map(|p| p.layers.iter());
+    for &l in opts.taps.iter().chain(probe_layers) {
+        if l == 0 || l > c.num_layers {
+            return Err(Error::Input(format!("block {l} does not exist: blocks are numbered 1..={}", c.num_layers)));
+        }
+    }
+    if let Some(&t) = opts.probe.as_ref().and_then(|p| p.tokens.as_ref()).and_then(|t| t.iter().find(|&&t| t as usize >= c.vocab_size)) {
+        return Err(Error::Input(format!("probe token id {t} is outside the vocabulary ({} tokens)", c.vocab_size)));
+    }
+    Ok(())
 }
 
 /// Writes `[batch * t, kv_heads * d]` projections into the cache layout `[batch, kv_heads, cap, d]`

@@ -7,6 +7,7 @@ pub mod generate;
 
 pub use batch::Batch;
 pub(crate) use batch::positions;
+pub(crate) use forward::check_forward_inputs;
 pub use cache::KvCache;
 pub use config::{Family, ModelConfig};
 pub use forward::{ForwardOptions, ForwardOutput, LogitsMode, ProbeSpec};

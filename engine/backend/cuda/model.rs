@@ -12,7 +12,7 @@ use super::ops::{attention, elementwise as ew, embedding, kv, matmul, Gemm};
 use super::{Cuda, DeviceTensor, Elem};
 use crate::backend::cpu::{self, AttentionShape};
 use crate::error::{Error, Result};
-use crate::model::{positions, Batch, ForwardOptions, ForwardOutput, LogitsMode, Model};
+use crate::model::{check_forward_inputs, positions, Batch, ForwardOptions, ForwardOutput, LogitsMode, Model};
 use crate::tensor::Tensor;
 
 /// A linear layer's device weights.
@@ -231,25 +231,8 @@ impl CudaModel {
         let cu = &self.cuda;
         let (bsz, t, h) = (batch.batch, batch.seq, c.hidden_size);
         let n = bsz * t;
-        if batch.tokens.len() != n || batch.mask.len() != n || n == 0 {
-            return Err(Error::Input(format!("batch {bsz}x{t} has {} tokens, {} mask entries", batch.tokens.len(), batch.mask.len())));
-        }
-        if bsz != cache.batch {
-            return Err(Error::Input(format!("batch of {bsz} sequences with a cache of {}", cache.batch)));
-        }
-        if let Some((pos, &tok)) = batch.tokens.iter().enumerate().find(|(_, &tk)| tk as usize >= c.vocab_size) {
-            return Err(Error::Input(format!("token id {tok} at sequence {}, position {} is outside the vocabulary ({} tokens)", pos / t, pos % t, c.vocab_size)));
-        }
-        let layers_asked = opts.taps.iter().chain(opts.probe.iter().flat_map(|p| p.layers.iter()));
-        for &l in layers_asked {
-            if l == 0 || l > c.num_layers {
-                return Err(Error::Input(format!("block {l} does not exist: blocks are numbered 1..={}", c.num_layers)));
-            }
-        }
+        check_forward_inputs(c, batch, cache.batch, opts)?;
         let probe_ids = opts.probe.as_ref().and_then(|p| p.tokens.clone());
-        if let Some(&tk) = probe_ids.as_ref().and_then(|ids| ids.iter().find(|&&tk| tk as usize >= c.vocab_size)) {
-            return Err(Error::Input(format!("probe token id {tk} is outside the vocabulary ({} tokens)", c.vocab_size)));
-        }
         let past = cache.len;
         let cap = cache.cap;
         if past + t > cap {
