@@ -226,13 +226,10 @@ impl Trainer {
 
     /// Runs the forward and backward of every micro-batch on the GPU from now on (the optimiser
     /// stays on the host): uploads `model` with projection weights in `weights` (f32 or bf16).
-    /// Call after `resume`, or call `resume` after this: either way the device holds the
-    /// current trainable token rows.
+    /// `model` already holds the current trainable token rows (`write_rows` keeps it in step), so
+    /// the upload carries them; a later `resume` or step writes them to both copies.
     pub fn use_cuda(&mut self, cuda: &Cuda, model: &Model, weights: Elem) -> Result<()> {
-        let mut dm = CudaModel::upload(cuda, model, weights)?;
-        let h = model.config.hidden_size;
-        dm.write_token_rows(&self.trainable_tokens, &rows_of(&model.embed, &self.trainable_tokens, h), model.lm_head.as_ref().map(|l| rows_of(&l.w, &self.trainable_tokens, h)).as_deref())?;
-        self.gpu = Some(dm);
+        self.gpu = Some(CudaModel::upload(cuda, model, weights)?);
         Ok(())
     }
 
