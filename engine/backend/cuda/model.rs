@@ -34,6 +34,20 @@ pub(crate) struct DBlock {
     pub(crate) down: DLinear,
 }
 
+/// An f32 activation and, with bf16 weights, its bf16 copy: the A operand of the projections.
+pub(crate) struct GemmIn<'a> {
+    /// The activation itself (the LoRA branches read it in f32).
+    pub(crate) f32: &'a DeviceTensor,
+    cast: Option<DeviceTensor>,
+}
+
+impl GemmIn<'_> {
+    /// The operand in the weights' type.
+    pub(crate) fn get(&self) -> &DeviceTensor {
+        self.cast.as_ref().unwrap_or(self.f32)
+    }
+}
+
 /// A model's weights on the GPU.
 pub struct CudaModel {
     cuda: Cuda,
@@ -174,16 +188,21 @@ impl CudaModel {
         self.forward_cached(batch, &mut cache, opts)
     }
 
-    /// A linear layer on f32 activations `x` (`[rows, in]`): `y = x W^T + b`, with `x` rounded to
-    /// the weights' type first.
-    pub(crate) fn linear(&self, y: &mut DeviceTensor, x: &DeviceTensor, l: &DLinear, rows: usize) -> Result<()> {
-        let x_in = self.gemm_input(x, rows)?;
-        matmul(&self.cuda, y, x_in.as_ref().unwrap_or(x), &l.w, Gemm::NT)?;
+    /// A linear layer on activations already in the weights' type (`gemm_in`): `y = x W^T + b`.
+    /// Projections that share an input (q, k, v; gate, up) share one rounded copy of it.
+    pub(crate) fn linear(&self, y: &mut DeviceTensor, x: &GemmIn<'_>, l: &DLinear) -> Result<()> {
+        matmul(&self.cuda, y, x.get(), &l.w, Gemm::NT)?;
         if let Some(b) = &l.b {
             ew::add_bias(&self.cuda, y, b)?;
         }
         debug_assert_eq!(y.shape()[1], l.out_dim);
         Ok(())
+    }
+
+    /// f32 activations `x` (`[rows, in]`) ready to multiply the weights: rounded to bf16 once for
+    /// bf16 weights, `x` itself for f32 weights.
+    pub(crate) fn gemm_in<'a>(&self, x: &'a DeviceTensor, rows: usize) -> Result<GemmIn<'a>> {
+        Ok(GemmIn { f32: x, cast: self.gemm_input(x, rows)? })
     }
 
     /// `x` as the GEMM's A operand: itself with f32 weights, a bf16 copy with bf16 weights.
@@ -283,23 +302,27 @@ impl CudaModel {
         let mut probes = Vec::new();
         for (l, blk) in self.blocks.iter().enumerate() {
             ew::rms_norm(cu, &mut normed, &x, &blk.input_norm, None, c.rms_norm_eps)?;
-            self.linear(&mut q, &normed, &blk.q, n)?;
-            self.linear(&mut k, &normed, &blk.k, n)?;
-            self.linear(&mut v, &normed, &blk.v, n)?;
+            let h1 = self.gemm_in(&normed, n)?;
+            self.linear(&mut q, &h1, &blk.q)?;
+            self.linear(&mut k, &h1, &blk.k)?;
+            self.linear(&mut v, &h1, &blk.v)?;
+            drop(h1);
             ew::rope(cu, &mut q, &cos, &sin, c.num_heads, c.head_dim)?;
             ew::rope(cu, &mut k, &cos, &sin, c.num_kv_heads, c.head_dim)?;
             let layout = kv::KvLayout { batch: bsz, t, past, cap, heads: c.num_kv_heads, d: c.head_dim };
             kv::kv_scatter(cu, &mut cache.k[l], &k, layout)?;
             kv::kv_scatter(cu, &mut cache.v[l], &v, layout)?;
             attention::attention_forward(cu, &mut attn, &mut lse, &q, &cache.k[l], &cache.v[l], &key_mask, shape)?;
-            self.linear(&mut proj, &attn, &blk.o, n)?;
+            self.linear(&mut proj, &self.gemm_in(&attn, n)?, &blk.o)?;
             ew::add_inplace(cu, &mut x, &proj)?;
 
             ew::rms_norm(cu, &mut normed, &x, &blk.post_norm, None, c.rms_norm_eps)?;
-            self.linear(&mut gate, &normed, &blk.gate, n)?;
-            self.linear(&mut up, &normed, &blk.up, n)?;
+            let h2 = self.gemm_in(&normed, n)?;
+            self.linear(&mut gate, &h2, &blk.gate)?;
+            self.linear(&mut up, &h2, &blk.up)?;
+            drop(h2);
             ew::swiglu_inplace(cu, &mut gate, &up)?;
-            self.linear(&mut proj, &gate, &blk.down, n)?;
+            self.linear(&mut proj, &self.gemm_in(&gate, n)?, &blk.down)?;
             ew::add_inplace(cu, &mut x, &proj)?;
 
             let block_no = l + 1;

@@ -6,7 +6,7 @@
 //! back up: the simple correct version the fused loss kernel (the ILRec kernels issue) replaces.
 //!
 //! Status: compiled, unverified on GPU (checked by `ilrec selftest --full` against the CPU).
-use super::model::{CudaModel, DLinear};
+use super::model::{CudaModel, DLinear, GemmIn};
 use super::ops::{attention, elementwise as ew, embedding, kv, matmul, Gemm};
 use super::{Cuda, DeviceTensor, Elem};
 use crate::backend::cpu::{self, AttentionShape};
@@ -68,10 +68,11 @@ fn zeros(cu: &Cuda, shape: &[usize], what: &str) -> Result<DeviceTensor> {
 
 impl Ctx<'_> {
     /// `y = x W^T + b + s (drop(x) A^T) B^T` (lin_fwd in backprop.rs).
-    fn lin_fwd(&mut self, block: usize, t: Target, base: &DLinear, x: &DeviceTensor, n: usize, rng: &mut Rng) -> Result<(DeviceTensor, Option<LinTape>)> {
+    fn lin_fwd(&mut self, block: usize, t: Target, base: &DLinear, x_in: &GemmIn<'_>, n: usize, rng: &mut Rng) -> Result<(DeviceTensor, Option<LinTape>)> {
         let cu = self.cu;
         let mut y = f32t(cu, &[n, base.out_dim], "linear output")?;
-        self.dm.linear(&mut y, x, base, n)?;
+        self.dm.linear(&mut y, x_in, base)?;
+        let x = x_in.f32;
         let Some(p) = self.pairs[block][t.index()].as_ref() else { return Ok((y, None)) };
         let in_dim = x.numel() / n;
         // The CPU draws the mask element by element from the same generator, in the same order.
@@ -232,9 +233,11 @@ pub fn forward_backward(
         let x_in = x.try_clone("tape: block input")?;
         let mut h1 = f32t(cu, &[n, h], "tape: normed block input")?;
         ew::rms_norm(cu, &mut h1, &x, &blk.input_norm, None, eps)?;
-        let (mut q, tq) = ctx.lin_fwd(l, Target::Q, &blk.q, &h1, n, rng)?;
-        let (mut k, tk) = ctx.lin_fwd(l, Target::K, &blk.k, &h1, n, rng)?;
-        let (vv, tv) = ctx.lin_fwd(l, Target::V, &blk.v, &h1, n, rng)?;
+        let h1_in = dm.gemm_in(&h1, n)?;
+        let (mut q, tq) = ctx.lin_fwd(l, Target::Q, &blk.q, &h1_in, n, rng)?;
+        let (mut k, tk) = ctx.lin_fwd(l, Target::K, &blk.k, &h1_in, n, rng)?;
+        let (vv, tv) = ctx.lin_fwd(l, Target::V, &blk.v, &h1_in, n, rng)?;
+        drop(h1_in);
         ew::rope(cu, &mut q, &cos, &sin, c.num_heads, c.head_dim)?;
         ew::rope(cu, &mut k, &cos, &sin, c.num_kv_heads, c.head_dim)?;
         let mut k_h = f32t(cu, &[bsz, c.num_kv_heads, t, c.head_dim], "tape: keys")?;
@@ -244,16 +247,18 @@ pub fn forward_backward(
         let mut attn = f32t(cu, &[n, c.q_dim()], "tape: attention output")?;
         let mut lse = f32t(cu, &[bsz, c.num_heads, t], "tape: attention log-sum-exp")?;
         attention::attention_forward(cu, &mut attn, &mut lse, &q, &k_h, &v_h, &key_mask, shape)?;
-        let (o, to) = ctx.lin_fwd(l, Target::O, &blk.o, &attn, n, rng)?;
+        let (o, to) = ctx.lin_fwd(l, Target::O, &blk.o, &dm.gemm_in(&attn, n)?, n, rng)?;
         ew::add_inplace(cu, &mut x, &o)?;
         let x_mid = x.try_clone("tape: mid-block residual")?;
         let mut h2 = f32t(cu, &[n, h], "tape: normed mid-block residual")?;
         ew::rms_norm(cu, &mut h2, &x, &blk.post_norm, None, eps)?;
-        let (gate, tg) = ctx.lin_fwd(l, Target::Gate, &blk.gate, &h2, n, rng)?;
-        let (up, tu) = ctx.lin_fwd(l, Target::Up, &blk.up, &h2, n, rng)?;
+        let h2_in = dm.gemm_in(&h2, n)?;
+        let (gate, tg) = ctx.lin_fwd(l, Target::Gate, &blk.gate, &h2_in, n, rng)?;
+        let (up, tu) = ctx.lin_fwd(l, Target::Up, &blk.up, &h2_in, n, rng)?;
+        drop(h2_in);
         let mut act = f32t(cu, gate.shape(), "tape: MLP activation")?;
         ew::swiglu(cu, &mut act, &gate, &up)?;
-        let (down, td) = ctx.lin_fwd(l, Target::Down, &blk.down, &act, n, rng)?;
+        let (down, td) = ctx.lin_fwd(l, Target::Down, &blk.down, &dm.gemm_in(&act, n)?, n, rng)?;
         ew::add_inplace(cu, &mut x, &down)?;
         tapes.push(BlockTape { x_in, h1, q, k_h, v_h, attn, lse, x_mid, h2, gate, up, act, lin: [tq, tk, tv, to, tg, tu, td] });
     }
