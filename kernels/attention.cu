@@ -63,7 +63,7 @@ __device__ __forceinline__ void attn_fwd_impl(T *__restrict__ out, float *__rest
                                               const uint8_t *__restrict__ key_mask, uint32_t tq, uint32_t past,
                                               uint32_t cap, uint32_t n_heads, uint32_t n_kv_heads, uint32_t d,
                                               float scale) {
-    extern __shared__ float smem[];
+    ILREC_DYN_SMEM(float, smem);
     __shared__ float red[32];
     float *qs = smem;      // [d]: the query row in f32
     float *e = smem + d;   // [blockDim]: the chunk's exp(s - max)
@@ -136,7 +136,7 @@ __device__ __forceinline__ void attn_bwd_dq_impl(float *__restrict__ dq, float *
                                                  const T *__restrict__ out, const float *__restrict__ lse,
                                                  const uint8_t *__restrict__ key_mask, uint32_t t, uint32_t n_heads,
                                                  uint32_t n_kv_heads, uint32_t d, float scale) {
-    extern __shared__ float smem[];
+    ILREC_DYN_SMEM(float, smem);
     __shared__ float red[32];
     float *qs = smem;           // [d]: q_i
     float *dos = smem + d;      // [d]: dout_i
@@ -226,7 +226,7 @@ __device__ __forceinline__ void attn_bwd_dkdv_impl(float *__restrict__ dk, float
                                                    const float *__restrict__ lse, const float *__restrict__ delta,
                                                    const uint8_t *__restrict__ key_mask, uint32_t t,
                                                    uint32_t n_heads, uint32_t n_kv_heads, uint32_t d, float scale) {
-    extern __shared__ float smem[];
+    ILREC_DYN_SMEM(float, smem);
     float *ks = smem;                   // [d]: k_j
     float *vs = smem + d;               // [d]: v_j
     float *ps = smem + 2 * d;           // [blockDim]: the chunk's p_ij

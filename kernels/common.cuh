@@ -120,6 +120,12 @@ __device__ __forceinline__ F block_max(F v, F *sh) {
     return warp_max(lane < nwarps ? sh[lane] : F(-INFINITY));
 }
 
+// Dynamic shared memory (the launch's shared-bytes argument) as `T *name`, 16-byte aligned. Kernels
+// declare it only through this macro so that the host emulator (kernels/emu/) can supply it.
+#define ILREC_DYN_SMEM(T, name)                                         \
+    extern __shared__ __align__(16) unsigned char ilrec_dyn_smem_[]; \
+    T *name = reinterpret_cast<T *>(ilrec_dyn_smem_)
+
 // Grid-stride loop over [0, n).
 #define ILREC_GRID_STRIDE(i, n)                                                               \
     for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (uint64_t)(n); \
