@@ -127,7 +127,7 @@ cat <<'RUN'
 # and the exit status is 1 when anything failed.
 #
 # Env: OUT (default gpu-out), STEP_TIMEOUT seconds per executable (default 300), SKIP_TESTS=1,
-# SKIP_BENCHES=1.
+# SKIP_BENCHES=1, SKIP_PERF=1 (the PyTorch side-by-side scripts, scripts/perf/gpu_*.py).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 STAGE=gpu-stage
@@ -264,6 +264,15 @@ report() {
         [[ -s "$bench_log" ]] && bench_rows
         echo
         grep -h -E '^(cuda benches skipped|skipped|H100)' "$bench_log" 2>/dev/null | sed 's/^/- /'
+        if ((${#perf_names[@]})); then
+            echo
+            echo "## Side by side with PyTorch (\`scripts/perf/gpu_*.py\`)"
+            local n
+            for n in "${perf_names[@]}"; do
+                echo
+                if [[ -s "$work/perf/$n.md" ]]; then cat "$work/perf/$n.md"; else echo "$n: no table written (see perf.log)"; fi
+            done
+        fi
         if ((${#failures[@]})); then
             echo
             echo "## Failures"
@@ -297,7 +306,8 @@ run_step() { # label logfile cmd...
 run_step selftest "$OUT/selftest.log" "$STAGE/ilrec" selftest --device cuda --full --out "$OUT/selftest.md"
 report
 
-# --- 2-5. the CUDA tests, the kernel benches, then the other tests and benches: the order of
+# --- 2-6. the CUDA tests, the kernel benches, the PyTorch side-by-side scripts, then the other
+# tests and benches: the order of
 # what matters most on a GPU, should the run be cut off (the report is rewritten after each step)
 run_tests() { # names...
     local t r lines_before summary skips t0
@@ -323,6 +333,24 @@ run_benches() { # names...
 }
 [[ "${SKIP_TESTS:-0}" == 1 ]] || run_tests $(grep -x 'test-cuda.*' "$STAGE/TESTS")
 [[ "${SKIP_BENCHES:-0}" == 1 ]] || run_benches $(grep -x 'bench-kernels' "$STAGE/BENCHES")
+# The PyTorch side-by-side scripts (scripts/perf/gpu_<name>.py): each writes <name>.md into the
+# folder its OUT names, a temporary one (the device tool returns at most 8 files), and the tables go
+# into gpu-check.md; they find the staged binaries through ILREC_STAGE (ilrec) and ILREC_BIN (tests,
+# benches).
+perf_names=()
+run_perf() {
+    local s n
+    for s in scripts/perf/gpu_*.py; do
+        [[ -e "$s" ]] || continue
+        n=$(basename "$s" .py)
+        n=${n#gpu_}
+        perf_names+=("$n")
+        mkdir -p "$work/perf"
+        OUT="$work/perf" ILREC_STAGE="$STAGE" ILREC_BIN="$BIN" PYTHONUNBUFFERED=1 run_step "perf-$n" "$OUT/perf.log" python3 "$s"
+        report
+    done
+}
+[[ "${SKIP_PERF:-0}" == 1 ]] || run_perf
 [[ "${SKIP_TESTS:-0}" == 1 ]] || run_tests $(grep -vx 'test-cuda.*' "$STAGE/TESTS")
 [[ "${SKIP_BENCHES:-0}" == 1 ]] || run_benches $(grep -vx 'bench-kernels' "$STAGE/BENCHES")
 
@@ -355,7 +383,8 @@ cat <<EOF
 
 == on the GPU machine
 device tool (this workplace):  run  command: "bash gpu-stage/run.sh"  carry: ["gpu-stage"]
-    (\$OUT comes back: gpu-check.md, selftest.md, gpu-check.log, selftest.log, tests.log, benches.log)
+    (\$OUT comes back: gpu-check.md, selftest.md, gpu-check.log, selftest.log, tests.log, benches.log,
+     perf.log)
 a GPU box over ssh (x86-64, glibc >= 2.34, NVIDIA driver >= 580; no Rust needed):
     git ls-files -z --cached --others --exclude-standard | tar --null -T - -czf /tmp/ilrec-tree.tgz && tar -czf /tmp/ilrec-stage.tgz gpu-stage
     scp /tmp/ilrec-tree.tgz /tmp/ilrec-stage.tgz GPUHOST: && ssh GPUHOST 'mkdir -p ilrec && cd ilrec && tar -xzf ../ilrec-tree.tgz && tar -xzf ../ilrec-stage.tgz && OUT=gpu-out bash gpu-stage/run.sh'
