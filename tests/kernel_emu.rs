@@ -593,3 +593,25 @@ fn warp_collectives_match_cuda_semantics() {
         }
     }
 }
+
+/// A kernel that overflows its fiber's stack dies with a report naming the block and thread (run
+/// in a child process: the crash ends it).
+#[test]
+fn emulator_reports_stack_overflow() {
+    let Some(k) = faults() else { return };
+    if std::env::var_os("ILREC_EMU_OVERFLOW_CHILD").is_some() {
+        let f: unsafe extern "C" fn(*mut i32, i32) = k.kernel("overflow_stack");
+        let mut out = vec![0i32; 4];
+        let po = out.as_mut_ptr();
+        let r = unsafe { k.launch([1, 1, 1], dim(4), 0, || f(po, 1000)) };
+        panic!("the overflowing launch returned: {r:?}");
+    }
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["emulator_reports_stack_overflow", "--exact", "--nocapture", "--test-threads=1"])
+        .env("ILREC_EMU_OVERFLOW_CHILD", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&child.stderr);
+    assert!(!child.status.success(), "the child survived a stack overflow: {err}");
+    assert!(err.contains("ilrec emu: SIGSEGV") && err.contains("thread (0,0,0)") && err.contains("its stack overflowed"), "no report: {err}");
+}

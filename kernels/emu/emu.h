@@ -22,6 +22,8 @@
 #include <dlfcn.h>
 #include <elf.h>
 #include <math.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>

@@ -80,3 +80,11 @@ extern "C" __global__ void warp_collectives(int *out, const int *in) {
     for (int d = 8; d > 0; d >>= 1) s += __shfl_down_sync(mask, s, d, 16);
     o[7] = s;
 }
+
+// Recursion deep enough to overflow a fiber's stack (the runtime reports it before dying).
+__device__ __noinline__ int deep(volatile int *p, int n) {
+    volatile char pad[4096];
+    pad[0] = (char)n;
+    return n == 0 ? *p : deep(p, n - 1) + pad[0];
+}
+extern "C" __global__ void overflow_stack(int *out, int n) { out[threadIdx.x] = deep(out, n); }
