@@ -266,3 +266,16 @@ flash_attn_combine_f32(float *out, float *lse, const float *part_out, const floa
         if (e % d == 0) lse[at] = mx == -INFINITY ? -INFINITY : mx + logf(wsum);
     }
 }
+
+// The first `len` rows of every [cap, d] slab of an f32 KV cache ([slabs = batch * n_kv_heads,
+// cap, d]) rounded to bf16 (round to nearest even, as cast_f32_to_bf16) into a bf16 tensor of the
+// same layout: the flash kernels' operands for an f32 cache, without touching the cache's unused
+// capacity (the flash kernels never read rows >= past + tq). Grid-stride over slabs * len * d.
+extern "C" __global__ void __launch_bounds__(256)
+flash_attn_cast_kv_bf16(bf16 *dst, const float *src, uint64_t slabs, uint32_t cap, uint32_t len, uint32_t d) {
+    const uint64_t per = (uint64_t)len * d;
+    ILREC_GRID_STRIDE(e, slabs * per) {
+        const uint64_t at = e / per * ((uint64_t)cap * d) + e % per;
+        dst[at] = __float2bfloat16_rn(src[at]);
+    }
+}

@@ -629,3 +629,94 @@ pub fn flash_attention_backward(
     // allocator allows.
     unsafe { launch(cuda, FLASH_BWD_STEM, k_dq, cfg, &args, &all) }
 }
+
+/// Whether a model whose projections are stored as `weights` runs attention on the flash kernels:
+/// bf16 models (whose path already rounds activations to bf16 for every GEMM) with a head dim the
+/// flash kernels are built for. f32 models, and other head dims, keep the plain kernels.
+pub fn use_flash(weights: Elem, head_dim: usize) -> bool {
+    weights == Elem::BF16 && flash_supported(head_dim)
+}
+
+/// bf16 copies of f32 attention operands for the flash kernels: `q` in full, and of `k`, `v`
+/// (`[batch, n_kv_heads, cap, head_dim]`) only the rows below `past + tq` that the kernels read.
+fn flash_operands(cuda: &Cuda, q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor, s: AttentionShape) -> Result<[DeviceTensor; 3]> {
+    let name = "flash_attn_cast_kv_bf16";
+    let all = [("q", q), ("k", k), ("v", v)];
+    for (n, t) in all {
+        expect_elem(name, n, t, &[Elem::F32], &all)?;
+    }
+    let AttentionShape { batch, tq, past, cap, n_kv_heads, head_dim: d, .. } = s;
+    let kv_len = numel(name, &[batch, n_kv_heads, cap, d], &all)?;
+    expect_len(name, "k", k, kv_len, &all)?;
+    expect_len(name, "v", v, kv_len, &all)?;
+    let len = past.checked_add(tq).filter(|&l| l <= cap).ok_or_else(|| bad(name, &all, format!("past {past} + tq {tq} exceeds cap {cap}")))?;
+    let mut qb = DeviceTensor::empty(cuda, q.shape(), Elem::BF16, "flash attention q (bf16)")?;
+    super::elementwise::cast(cuda, &mut qb, q)?;
+    let mut kv = Vec::with_capacity(2);
+    for (what, src) in [("flash attention k (bf16)", k), ("flash attention v (bf16)", v)] {
+        let dst = DeviceTensor::empty(cuda, src.shape(), Elem::BF16, what)?;
+        let args = [
+            Arg::Ptr(dst.ptr()),
+            Arg::Ptr(src.ptr()),
+            Arg::U64((batch * n_kv_heads) as u64),
+            Arg::U32(u32_of(name, "cap", cap, &all)?),
+            Arg::U32(u32_of(name, "past + tq", len, &all)?),
+            Arg::U32(u32_of(name, "head_dim", d, &all)?),
+        ];
+        // SAFETY: flash_attn_cast_kv_bf16's signature (2 pointers, u64, 3 u32); src (f32) and dst
+        // (bf16) both hold batch * n_kv_heads * cap * d elements (checked / allocated above) and
+        // the kernel touches rows < past + tq <= cap of each slab; grid-stride.
+        unsafe { launch(cuda, FLASH_STEM, name, Launch::elements(batch * n_kv_heads * len * d), &args, &all)? };
+        kv.push(dst);
+    }
+    let v_b = kv.pop().expect("two casts");
+    let k_b = kv.pop().expect("two casts");
+    Ok([qb, k_b, v_b])
+}
+
+/// The attention forward of a model with f32 activations: the flash kernels on bf16 copies of
+/// `q`, `k`, `v` when `flash` ([`use_flash`]), else [`attention_forward`] on them as they are.
+/// Operands as [`attention_forward`] with f32 storage.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_f32(
+    cuda: &Cuda,
+    out: &mut DeviceTensor,
+    lse: &mut DeviceTensor,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    key_mask: &DeviceTensor,
+    s: AttentionShape,
+    flash: bool,
+) -> Result<()> {
+    if !flash {
+        return attention_forward(cuda, out, lse, q, k, v, key_mask, s);
+    }
+    let [qb, kb, vb] = flash_operands(cuda, q, k, v, s)?;
+    flash_attention_forward(cuda, out, lse, &qb, &kb, &vb, key_mask, s)
+}
+
+/// The attention backward matching [`forward_f32`] with the same `flash` (its `out` and `lse` come
+/// from that path). Operands as [`attention_backward`] with f32 storage.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_f32(
+    cuda: &Cuda,
+    dq: &mut DeviceTensor,
+    dk: &mut DeviceTensor,
+    dv: &mut DeviceTensor,
+    dout: &DeviceTensor,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    out: &DeviceTensor,
+    lse: &DeviceTensor,
+    key_mask: &DeviceTensor,
+    s: AttentionShape,
+    flash: bool,
+) -> Result<()> {
+    if !flash {
+        return attention_backward(cuda, dq, dk, dv, dout, q, k, v, out, lse, key_mask, s);
+    }
+    let [qb, kb, vb] = flash_operands(cuda, q, k, v, s)?;
+    flash_attention_backward(cuda, dq, dk, dv, dout, &qb, &kb, &vb, out, lse, key_mask, s)
+}
