@@ -21,9 +21,13 @@
 //   dk, dv            [batch, n_kv_heads, t, D]         f32
 //
 // Three kernels, launched in this order on one stream:
-//   flash_attn_bwd_prep        delta_i = dout_i . out_i (f32, a fixed warp tree) and dout in bf16
-//                              for the tensor cores. grid: any (grid-stride over rows, one warp per
-//                              row), block 256.
+//   flash_attn_bwd_prep        dout in bf16 for the tensor cores, and delta_i = bf16(dout_i) . out_i
+//                              (f32, a fixed warp tree): the same rounded dout as dP = dO V^T uses,
+//                              so that sum_j p_ij (dp_ij - delta_i) stays ~0 as it must. With the
+//                              f32 dout here instead, every ds of a row carries the rounding
+//                              difference (emulator, d 128, t 130: dk 9.8e-3 -> 3.6e-3, dq 6.9e-3
+//                              -> 3.6e-3 max-norm relative error). grid: any (grid-stride over
+//                              rows, one warp per row), block 256.
 //   flash_attn_bwd_dkdv_d{D}   one block per (64-key tile, KV head, sequence): dK and dV of its 64
 //                              keys stay in registers (16 keys per warp) while it walks the group's
 //                              query heads and the query tiles at or after its keys in a fixed
@@ -315,7 +319,7 @@ __device__ __forceinline__ void bwd_dq(float *__restrict__ dq, const bf16 *__res
 
 }  // namespace
 
-// delta[b, h, i] = dout_i . out_i over the head's d values (a fixed warp tree), and dout in bf16.
+// delta[b, h, i] = bf16(dout_i) . out_i over the head's d values (a fixed warp tree), and dout in bf16.
 // rows = batch * t * n_heads; row r = (b * t + i) * n_heads + h.
 extern "C" __global__ void __launch_bounds__(256)
 flash_attn_bwd_prep(float *delta, bf16 *dout_bf16, const float *dout, const float *out, uint32_t batch, uint32_t t,
@@ -327,9 +331,9 @@ flash_attn_bwd_prep(float *delta, bf16 *dout_bf16, const float *dout, const floa
         const uint64_t base = r * d;
         float acc = 0.0f;
         for (uint32_t x = lane; x < d; x += 32) {
-            const float g = dout[base + x];
-            acc = __fmaf_rn(g, out[base + x], acc);
-            dout_bf16[base + x] = __float2bfloat16_rn(g);
+            const bf16 g = __float2bfloat16_rn(dout[base + x]);
+            acc = __fmaf_rn(__bfloat162float(g), out[base + x], acc);
+            dout_bf16[base + x] = g;
         }
         acc = warp_sum(acc);
         if (lane == 0) {
