@@ -494,7 +494,7 @@ pub fn flash_attention_forward_splits(
 /// [`attention_backward`] on the fused kernels, deterministic (no atomics): `dq`, `dk`, `dv` (f32)
 /// are overwritten from `dout` and `out` (f32: [`flash_attention_forward`]'s output), `q`, `k`, `v`
 /// (bf16) and `lse`. Training shapes only (`past == 0`, `cap == tq`). Temporaries: `dout` in bf16
-/// and `delta = rowsum(dout * out)`.
+/// and `delta = rowsum(bf16(dout) * out)` (the same rounded `dout` the kernels' `dP` uses).
 ///
 /// Layouts: `q`, `out`, `dout`, `dq` `[batch * tq, n_heads * head_dim]`; `k`, `v`, `dk`, `dv`
 /// `[batch, n_kv_heads, tq, head_dim]`; `lse` `[batch, n_heads, tq]` f32; `key_mask` `[batch, tq]`.
