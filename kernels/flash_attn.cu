@@ -27,9 +27,10 @@
 // - Pipeline (cp.async, two groups in flight): V(j) loads while S(j) is computed, K(j+1) while the
 //   softmax and P V(j) run. Q's shared tile is reused for V. Shared memory: 2 tiles of 64 x D bf16
 //   (32 KiB at D = 128), under the 48 KiB a launch gets without an opt-in.
-// - Causal: a block stops at the key tile of its last row's limit; the mask is applied per element
-//   (causal, cache length and key mask together). The blocks with the most tiles are scheduled
-//   first (blockIdx.x reversed).
+// - Causal: a block stops at the key tile of its last row's limit; the mask (causal, cache length
+//   and key mask together) is applied per element only on tiles that need it: the barrier that
+//   waits for K also ANDs the tile's key-mask bytes (__syncthreads_and), so full tiles below the
+//   diagonal skip it. The blocks with the most tiles are scheduled first (blockIdx.x reversed).
 // - Split-KV (decoding): grid.z = batch * splits; split s takes key tiles [s * tps, (s + 1) * tps)
 //   and writes its normalised partial output and partial lse to slice s of a workspace shaped like
 //   out / lse; flash_attn_combine_f32 merges the slices in a fixed order (deterministic). With
@@ -123,7 +124,12 @@ __device__ __forceinline__ void flash_fwd(float *__restrict__ out, float *__rest
                                  [&](int r) { return n0 + r < kv_len; });
             cp_async_commit();
             cp_async_wait<1>();  // K(jt) has landed (V(jt) may still be in flight)
-            __syncthreads();
+            // The barrier also decides, uniformly, whether this tile needs the per-element mask:
+            // not when every key is real, written, and at or before the block's first row's
+            // causal limit (padding rows past `rows` are never written, so they need no mask).
+            const bool keys_real = __syncthreads_and(threadIdx.x >= BN || n0 + (int)threadIdx.x >= kv_len ||
+                                                     mask_b[n0 + threadIdx.x] != 0);
+            const bool no_mask = keys_real && n0 + BN <= kv_len && n0 + BN - 1 <= (int)past + m0 / group;
 
             float s[NTN][4];
 #pragma unroll
@@ -154,7 +160,7 @@ __device__ __forceinline__ void flash_fwd(float *__restrict__ out, float *__rest
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int j = n0 + 8 * x + 2 * t4 + (e & 1);
-                    const float val = visible(j, last[e >> 1], kv_len, mask_b) ? s[x][e] * scale_log2 : -INFINITY;
+                    const float val = no_mask || visible(j, last[e >> 1], kv_len, mask_b) ? s[x][e] * scale_log2 : -INFINITY;
                     s[x][e] = val;
                     tmax[e >> 1] = fmaxf(tmax[e >> 1], val);
                 }

@@ -36,6 +36,8 @@
 //   flash_attn_bwd_dq_d{D}     one block per (64-query tile, head, sequence): Q and dO in
 //                              registers, K/V tiles double-buffered by cp.async: S, P, dP, dS,
 //                              dQ += dS K. grid (ceil(t / 64), n_heads, batch), block 128.
+// Tiles wholly below the diagonal whose keys are all real skip the per-element mask (decided
+// uniformly with __syncthreads_and).
 // Splitting dK/dV from dQ is what makes it deterministic without atomics: each owner recomputes
 // S and dP itself (7 tile products per (query, key) tile pair instead of FA2's 5 with an atomic dQ).
 //
@@ -98,6 +100,9 @@ __device__ __forceinline__ void bwd_dkdv(float *__restrict__ dk, float *__restri
 
     const int krow = warp * 16;  // this warp's 16 keys within the tile
     const int i_first = (j0 / BQ) * BQ;  // queries before j0 see none of these keys
+    // Whether all of this block's keys are real and written: then query tiles wholly after them
+    // skip the per-element mask.
+    const bool keys_full = __syncthreads_and(threadIdx.x >= BK || (j0 + (int)threadIdx.x < T && mask_b[j0 + threadIdx.x] != 0));
     for (int hh = 0; hh < group; ++hh) {
         const int h = kvh * group + hh;
         const uint64_t stat = ((uint64_t)b * n_heads + h) * t;
@@ -136,6 +141,7 @@ __device__ __forceinline__ void bwd_dkdv(float *__restrict__ dk, float *__restri
             }
             // P^T and dS^T. Accumulator e of n-tile x: key j0 + krow + g8 + 8 (e >> 1), query
             // i0 + 8 x + 2 t4 + (e & 1).
+            const bool no_mask = keys_full && i0 >= j0 + BK - 1 && i0 + BQ <= T;
 #pragma unroll
             for (int x = 0; x < NTQ; ++x) {
 #pragma unroll
@@ -147,7 +153,7 @@ __device__ __forceinline__ void bwd_dkdv(float *__restrict__ dk, float *__restri
 #pragma unroll
                     for (int half = 0; half < 2; ++half) {
                         const int j = j0 + krow + g8 + 8 * half, e = 2 * half + c;
-                        const bool vis = live && visible(j, i, T, mask_b);
+                        const bool vis = no_mask || (live && visible(j, i, T, mask_b));
                         const float p = vis ? exp2f(s[x][e] * scale_log2 - l2) : 0.0f;
                         s[x][e] = p;
                         dp[x][e] = p * (dp[x][e] - dl) * scale;
@@ -255,10 +261,13 @@ __device__ __forceinline__ void bwd_dq(float *__restrict__ dq, const bf16 *__res
         if (jt + 1 < tiles) load_stage(jt + 1);
         cp_async_commit();
         cp_async_wait<1>();  // stage jt has landed
-        __syncthreads();
+        const int n0 = jt * BN;
+        // The barrier also decides, uniformly, whether the tile needs the per-element mask: not
+        // when every key is real, written, and at or before the block's first query.
+        const bool keys_real = __syncthreads_and(threadIdx.x >= BN || (n0 + (int)threadIdx.x < T && mask_b[n0 + threadIdx.x] != 0));
+        const bool no_mask = keys_real && n0 + BN - 1 <= m0 && m0 + BQ_DQ <= T;
         const unsigned char *s_k = smem + (jt & 1) * STAGE;
         const unsigned char *s_v = s_k + BN * TL::ROW_BYTES;
-        const int n0 = jt * BN;
 
         float s[NTN][4], dp[NTN][4];
 #pragma unroll
@@ -284,7 +293,7 @@ __device__ __forceinline__ void bwd_dq(float *__restrict__ dq, const bf16 *__res
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int j = n0 + 8 * x + 2 * t4 + (e & 1), half = e >> 1;
-                const bool vis = visible(j, last[half], T, mask_b);
+                const bool vis = no_mask || visible(j, last[half], T, mask_b);
                 const float p = vis ? exp2f(s[x][e] * scale_log2 - l2[half]) : 0.0f;
                 dp[x][e] = p * (dp[x][e] - dl[half]) * scale;
             }

@@ -235,6 +235,11 @@ fn flash_forward_and_backward_match_the_cpu() {
         (shape(2, 7, 0, 7, 3, 1, 80), vec![vec![3], left(7)]),
         // MHA, d 128, 130 tokens: three key tiles, the last with 2 keys; ragged query tiles.
         (shape(1, 130, 0, 130, 2, 2, 128), vec![vec![0, 64, 129]]),
+        // No padding, 200 tokens, GQA 2/1, d 64: tiles wholly below the diagonal take the
+        // kernels' unmasked fast path (forward, dK/dV and dQ), the diagonal ones the masked path.
+        (shape(1, 200, 0, 200, 2, 1, 64), vec![vec![]]),
+        // The same at d 128 with one masked key late (tiles before it stay on the fast path).
+        (shape(1, 150, 0, 150, 2, 2, 128), vec![vec![140]]),
     ];
     for (s, off) in cases {
         let label = format!("flash b{} t{} heads {}/{} d{}", s.batch, s.tq, s.n_heads, s.n_kv_heads, s.head_dim);
