@@ -366,6 +366,77 @@ criterion_group! {
     // Short defaults so `cargo bench --bench kernels` takes minutes on 2 cores; command-line
     // flags (--warm-up-time, --measurement-time) override them.
     config = Criterion::default().sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(2));
-    targets = kernels
+    targets = kernels, flash_attention
 }
 criterion_main!(benches);
+
+// ---------------------------------------------------------------- flash attention (issue 6)
+
+/// The fused attention kernels at the issue's shapes: B*S = 16k tokens, S in {512 .. 8192},
+/// head dim 64 (32 heads) and 128 (16 heads), causal, no padding, forward and backward, as
+/// FLOP/s (elem/s; forward 4*B*S^2*H*D/2, backward 2.5x); and decoding (20 beams, one new token
+/// against 512 and 2048 cached, SmolLM2's 9/3 heads of 64) as bytes/s of K/V read.
+/// scripts/perf/gpu_attention.py reads these rows beside torch SDPA on the same machine.
+/// Ids: `flash_attention/{fwd,bwd} s{S} b{B} h{H} d{D}`, `flash_attention/decode beams20 past{P}`.
+fn flash_attention(c: &mut Criterion) {
+    let cuda = match open_cuda() {
+        Ok(cuda) => cuda,
+        Err(why) => {
+            println!("flash attention benches skipped: {why}");
+            return;
+        }
+    };
+    if let Err(e) = flash_attention_benches(c, &cuda) {
+        println!("flash attention benches stopped: {e}");
+    }
+}
+
+fn flash_attention_benches(c: &mut Criterion, cuda: &Cuda) -> ilrec::Result<()> {
+    let mut rng = Rng::new(6);
+    let mut g = c.benchmark_group("flash_attention");
+    g.sampling_mode(SamplingMode::Flat);
+    for d in [64usize, 128] {
+        let heads = 2048 / d;
+        for seq in [512usize, 1024, 2048, 4096, 8192] {
+            let batch = 16384 / seq;
+            let s = AttentionShape { batch, tq: seq, past: 0, cap: seq, n_heads: heads, n_kv_heads: heads, head_dim: d };
+            let (nq, q_shape, kv_shape) = (batch * seq * heads * d, [batch * seq, heads * d], [batch, heads, seq, d]);
+            let q = DeviceTensor::from_f32_as_bf16(cuda, &q_shape, &random(&mut rng, nq, 1.0), "q")?;
+            let k = DeviceTensor::from_f32_as_bf16(cuda, &kv_shape, &random(&mut rng, nq, 1.0), "k")?;
+            let v = DeviceTensor::from_f32_as_bf16(cuda, &kv_shape, &random(&mut rng, nq, 1.0), "v")?;
+            let mask = DeviceTensor::from_u8(cuda, &[batch, seq], &vec![1u8; batch * seq], "key_mask")?;
+            let mut out = DeviceTensor::empty(cuda, &q_shape, Elem::F32, "out")?;
+            let mut lse = DeviceTensor::empty(cuda, &[batch, heads, seq], Elem::F32, "lse")?;
+            let fwd_flops = (4 * batch * seq * seq * heads * d / 2) as u64;
+            let id = format!("s{seq} b{batch} h{heads} d{d}");
+            g.throughput(Throughput::Elements(fwd_flops));
+            cuda_bench(&mut g, cuda, format!("fwd {id}"), || attention::flash_attention_forward(cuda, &mut out, &mut lse, &q, &k, &v, &mask, s));
+            let dout = DeviceTensor::from_f32(cuda, &q_shape, &random(&mut rng, nq, 1.0), "dout")?;
+            let mut dq = DeviceTensor::empty(cuda, &q_shape, Elem::F32, "dq")?;
+            let mut dk = DeviceTensor::empty(cuda, &kv_shape, Elem::F32, "dk")?;
+            let mut dv = DeviceTensor::empty(cuda, &kv_shape, Elem::F32, "dv")?;
+            g.throughput(Throughput::Elements(fwd_flops * 5 / 2));
+            cuda_bench(&mut g, cuda, format!("bwd {id}"), || {
+                attention::flash_attention_backward(cuda, &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, &mask, s)
+            });
+        }
+    }
+    let beams = 20;
+    for past in [512usize, 2048] {
+        let cap = past + 1;
+        let s = AttentionShape { batch: beams, tq: 1, past, cap, n_heads: HEADS, n_kv_heads: KV_HEADS, head_dim: HEAD_DIM };
+        let nkv = beams * KV_HEADS * cap * HEAD_DIM;
+        let q = DeviceTensor::from_f32_as_bf16(cuda, &[beams, HEADS * HEAD_DIM], &random(&mut rng, beams * HEADS * HEAD_DIM, 1.0), "q")?;
+        let k = DeviceTensor::from_f32_as_bf16(cuda, &[beams, KV_HEADS, cap, HEAD_DIM], &random(&mut rng, nkv, 1.0), "k")?;
+        let v = DeviceTensor::from_f32_as_bf16(cuda, &[beams, KV_HEADS, cap, HEAD_DIM], &random(&mut rng, nkv, 1.0), "v")?;
+        let mask = DeviceTensor::from_u8(cuda, &[beams, cap], &vec![1u8; beams * cap], "key_mask")?;
+        let mut out = DeviceTensor::empty(cuda, &[beams, HEADS * HEAD_DIM], Elem::F32, "out")?;
+        let mut lse = DeviceTensor::empty(cuda, &[beams, HEADS, 1], Elem::F32, "lse")?;
+        g.throughput(bytes(2 * nkv * 2));
+        cuda_bench(&mut g, cuda, format!("decode beams{beams} past{past} h{HEADS}/{KV_HEADS} d{HEAD_DIM}"), || {
+            attention::flash_attention_forward(cuda, &mut out, &mut lse, &q, &k, &v, &mask, s)
+        });
+    }
+    g.finish();
+    Ok(())
+}

@@ -289,6 +289,7 @@ impl CudaModel {
         };
 
         let shape = AttentionShape { batch: bsz, tq: t, past, cap, n_heads: c.num_heads, n_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
+        let flash = attention::use_flash(self.weights, c.head_dim);
         let mut normed = f32t(&[n, h], "normed activations")?;
         let mut q = f32t(&[n, c.q_dim()], "queries")?;
         let mut k = f32t(&[n, c.kv_dim()], "keys")?;
@@ -312,7 +313,7 @@ impl CudaModel {
             let layout = kv::KvLayout { batch: bsz, t, past, cap, heads: c.num_kv_heads, d: c.head_dim };
             kv::kv_scatter(cu, &mut cache.k[l], &k, layout)?;
             kv::kv_scatter(cu, &mut cache.v[l], &v, layout)?;
-            attention::attention_forward(cu, &mut attn, &mut lse, &q, &cache.k[l], &cache.v[l], &key_mask, shape)?;
+            attention::forward_f32(cu, &mut attn, &mut lse, &q, &cache.k[l], &cache.v[l], &key_mask, shape, flash)?;
             self.linear(&mut proj, &self.gemm_in(&attn, n)?, &blk.o)?;
             ew::add_inplace(cu, &mut x, &proj)?;
 

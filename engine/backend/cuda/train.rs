@@ -222,6 +222,7 @@ pub fn forward_backward(
     let key_mask = DeviceTensor::from_u8(cu, &[bsz, t], &key_mask, "key mask")?;
     let tokens = DeviceTensor::from_u32(cu, &[n], &batch.tokens, "token ids")?;
     let shape = AttentionShape { batch: bsz, tq: t, past: 0, cap: t, n_heads: c.num_heads, n_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
+    let flash = attention::use_flash(dm.weights(), c.head_dim);
     let layout = kv::KvLayout { batch: bsz, t, past: 0, cap: t, heads: c.num_kv_heads, d: c.head_dim };
     let eps = c.rms_norm_eps;
 
@@ -246,7 +247,7 @@ pub fn forward_backward(
         kv::kv_scatter(cu, &mut v_h, &vv, layout)?;
         let mut attn = f32t(cu, &[n, c.q_dim()], "tape: attention output")?;
         let mut lse = f32t(cu, &[bsz, c.num_heads, t], "tape: attention log-sum-exp")?;
-        attention::attention_forward(cu, &mut attn, &mut lse, &q, &k_h, &v_h, &key_mask, shape)?;
+        attention::forward_f32(cu, &mut attn, &mut lse, &q, &k_h, &v_h, &key_mask, shape, flash)?;
         let (o, to) = ctx.lin_fwd(l, Target::O, &blk.o, &dm.gemm_in(&attn, n)?, n, rng)?;
         ew::add_inplace(cu, &mut x, &o)?;
         let x_mid = x.try_clone("tape: mid-block residual")?;
@@ -350,7 +351,7 @@ pub fn forward_backward(
         let mut dq = f32t(cu, &[n, c.q_dim()], "query gradient")?;
         let mut dk_h = f32t(cu, tp.k_h.shape(), "key gradient")?;
         let mut dv_h = f32t(cu, tp.v_h.shape(), "value gradient")?;
-        attention::attention_backward(cu, &mut dq, &mut dk_h, &mut dv_h, &d_attn, &tp.q, &tp.k_h, &tp.v_h, &tp.attn, &tp.lse, &key_mask, shape)?;
+        attention::backward_f32(cu, &mut dq, &mut dk_h, &mut dv_h, &d_attn, &tp.q, &tp.k_h, &tp.v_h, &tp.attn, &tp.lse, &key_mask, shape, flash)?;
         let mut dk = f32t(cu, &[n, c.kv_dim()], "key gradient rows")?;
         let mut dv = f32t(cu, &[n, c.kv_dim()], "value gradient rows")?;
         kv::kv_gather(cu, &mut dk, &dk_h, layout)?;
