@@ -245,7 +245,9 @@ extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
         const uint32_t nd = node[base + t];
         s_node[t] = nd;
         s_score[t] = score[base + t];
-        if (!user_done && nd != NO_NODE) fan = child_start[nd + 1] - child_start[nd];
+        // A live slot without a logits row (b >= rows_per_user) cannot be scored: treated as dead,
+        // so no read leaves the user's rows (the host step rejects such a state).
+        if (!user_done && nd != NO_NODE && t < rows_per_user) fan = child_start[nd + 1] - child_start[nd];
     }
     block_exclusive_scan(fan, s_off);
     const uint32_t n = min(s_off[SELECT_THREADS], max_cand);

@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use ilrec::progress::Progress;
 use ilrec::rec::metrics::Metrics;
 use ilrec::device::DeviceRequest;
-use ilrec::rec::pipeline::{run_eval, run_most_popular, run_sasrec, run_train_on, RunConfig, TrainedRun};
+use ilrec::rec::pipeline::{run_eval_on, run_most_popular, run_sasrec, run_train_on, RunConfig, TrainedRun};
 use ilrec::train::trainer::StepReport;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -26,6 +26,9 @@ pub struct EvalArgs {
     /// valid | test.
     #[arg(long, default_value = "test")]
     split: String,
+    /// Where `eval`'s beam search runs: cpu | cuda | auto (sasrec and popularity ignore it).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(clap::Args)]
@@ -42,6 +45,9 @@ pub struct RecommendArgs {
     /// How many items to print.
     #[arg(long, default_value_t = 10)]
     top: usize,
+    /// Where the beam search runs: cpu | cuda | auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
@@ -87,7 +93,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut bar: Option<Progress> = None;
     let mut progress = |d: usize, n: usize| bar.get_or_insert_with(|| Progress::new(n as u64, "eval users")).set(d as u64, "");
-    let m = run_eval(&cfg, &a.split, &mut progress)?;
+    let device = a.device.parse::<DeviceRequest>()?.resolve(|n| eprintln!("{n}"))?;
+    let m = run_eval_on(&cfg, &a.split, &device, &mut progress)?;
     write_metrics(&cfg, &format!("metrics_{}.json", a.split), &m, t0.elapsed().as_secs_f64())
 }
 
@@ -111,7 +118,8 @@ pub fn popularity(a: EvalArgs) -> Result<()> {
 
 pub fn recommend(a: RecommendArgs) -> Result<()> {
     let cfg = RunConfig::from_file(&a.config)?;
-    let run = TrainedRun::load(&cfg)?;
+    let mut run = TrainedRun::load(&cfg)?;
+    run.use_device(&a.device.parse::<DeviceRequest>()?.resolve(|n| eprintln!("{n}"))?)?;
     let ds = &run.dataset;
     let history: Vec<u32> = match (&a.history, &a.user) {
         (Some(h), _) => {
