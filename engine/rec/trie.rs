@@ -353,3 +353,19 @@ impl FlatTrie {
         (it != NO_ITEM).then_some(it)
     }
 }
+
+/// `n` distinct synthetic semantic-ID items over `vocab` tokens: three codes of 256 (the first
+/// skewed: half the items share 16 first codes) then the end token `vocab - 1`, codes in the
+/// vocabulary's last `3 * 256 + 1` ids. The item sets of the decode checks, benches and the HF
+/// side-by-side (docs/kernels/decode.md). Needs `n <= 256^3` and `vocab > 3 * 256`.
+pub fn synthetic_semantic_items(rng: &mut crate::rng::Rng, n: usize, vocab: usize) -> Vec<Vec<u32>> {
+    assert!(n <= 1 << 24 && vocab > 3 * 256, "synthetic items: {n} items over {vocab} tokens");
+    let base = (vocab - 3 * 256 - 1) as u32;
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < n {
+        let a = if rng.below(2) == 0 { rng.below(16) } else { rng.below(256) } as u32;
+        let (b, c) = (rng.below(256) as u32, rng.below(256) as u32);
+        seen.insert(vec![base + a, base + 256 + b, base + 512 + c, vocab as u32 - 1]);
+    }
+    seen.into_iter().collect()
+}
