@@ -366,7 +366,7 @@ criterion_group! {
     // Short defaults so `cargo bench --bench kernels` takes minutes on 2 cores; command-line
     // flags (--warm-up-time, --measurement-time) override them.
     config = Criterion::default().sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(2));
-    targets = kernels, flash_attention
+    targets = kernels, flash_attention, beam_decode
 }
 criterion_main!(benches);
 
@@ -439,4 +439,66 @@ fn flash_attention_benches(c: &mut Criterion, cuda: &Cuda) -> ilrec::Result<()> 
     }
     g.finish();
     Ok(())
+}
+
+// ---------------------------------------------------------------- beam decode (issue 8)
+
+/// One trie-constrained beam step (mask to the trie's children, full-vocabulary log-softmax,
+/// top-k over beams x children, finished merge) for 16 users x 20 beams over a 49,152-token
+/// vocabulary, on synthetic semantic-ID tries of 1.7k, 10k and 100k items: the host step
+/// (`flat_step`) and the CUDA step (`beam_lse_f32` + `beam_select`). Bytes: the logits rows read
+/// (the step's floor, docs/kernels/decode.md). Each iteration starts from the same full-width
+/// state (set up outside the timing).
+fn beam_decode(c: &mut Criterion) {
+    use ilrec::backend::cuda::ops::beam::{beam_step, DeviceBeamState, DeviceTrie};
+    use ilrec::rec::beam::{flat_step, BeamOptions, FlatBeamState};
+    use ilrec::rec::trie::{synthetic_semantic_items, FlatTrie, ItemTrie};
+    let (users, beam) = (16usize, 20usize);
+    let opts = BeamOptions { beam, top_k: 10, max_rows: usize::MAX };
+    let mut rng = Rng::new(8);
+    let logits = random(&mut rng, users * beam * VOCAB, 4.0);
+    let cuda = open_cuda();
+    let mut g = c.benchmark_group("beam_step_bytes");
+    g.sampling_mode(SamplingMode::Flat);
+    g.throughput(bytes(users * beam * VOCAB * 4));
+    for items in [1_700usize, 10_000, 100_000] {
+        let trie = ItemTrie::new(&synthetic_semantic_items(&mut rng, items, VOCAB)).expect("distinct items");
+        let flat = FlatTrie::new(&trie, VOCAB).expect("items in the vocabulary");
+        // A full-width state: one step from the root.
+        let mut full = FlatBeamState::new(users, &opts).expect("options");
+        let (mut parent, mut token) = (vec![0u32; users * beam], vec![0u32; users * beam]);
+        flat_step(&flat, &logits[..users * VOCAB], 1, &mut full, &mut parent, &mut token).expect("host step");
+        g.bench_function(format!("cpu flat_step {items} items, {users}x{beam}"), |b| {
+            b.iter_batched(
+                || full.clone(),
+                |mut st| flat_step(&flat, &logits, beam, &mut st, &mut parent, &mut token).expect("host step"),
+                BatchSize::LargeInput,
+            )
+        });
+        let Ok(cuda) = &cuda else { continue };
+        let mut run = || -> ilrec::Result<()> {
+            let dtrie = DeviceTrie::new(cuda, &flat)?;
+            let d_logits = DeviceTensor::from_f32(cuda, &[users * beam, VOCAB], &logits, "logits")?;
+            g.bench_function(format!("cuda beam_step {items} items, {users}x{beam}"), |b| {
+                b.iter_batched(
+                    || {
+                        let st = DeviceBeamState::upload(cuda, &dtrie, &full).expect("upload");
+                        cuda.sync().expect("sync");
+                        st
+                    },
+                    |mut st| {
+                        beam_step(cuda, &dtrie, &mut st, &d_logits, beam).expect("beam step");
+                        cuda.sync().expect("sync");
+                        st
+                    },
+                    BatchSize::PerIteration,
+                )
+            });
+            Ok(())
+        };
+        if let Err(e) = run() {
+            println!("cuda beam_step bench ({items} items) skipped: {e}");
+        }
+    }
+    g.finish();
 }

@@ -38,6 +38,9 @@ enum Cmd {
     Popularity(rec::EvalArgs),
     /// Recommend items for one history (or a data set user) with a trained run.
     Recommend(rec::RecommendArgs),
+    /// Time trie-constrained beam search (recommendations/s) on given items and prompts, CPU or
+    /// CUDA: our side of scripts/perf/gpu_decode.py.
+    DecodeBench(rec::DecodeBenchArgs),
     /// Check every CUDA kernel against the CPU reference and print a table (kernel, shape, error,
     /// pass/fail, time).
     Selftest(selftest::Args),
@@ -67,6 +70,7 @@ fn main() {
         Cmd::Sasrec(a) => rec::sasrec(a),
         Cmd::Popularity(a) => rec::popularity(a),
         Cmd::Recommend(a) => rec::recommend(a),
+        Cmd::DecodeBench(a) => rec::decode_bench(a),
         Cmd::Selftest(a) => selftest::run(a),
         Cmd::ImportGguf { gguf, out_dir } => import_gguf(&gguf, &out_dir),
     };

@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use ilrec::progress::Progress;
 use ilrec::rec::metrics::Metrics;
 use ilrec::device::DeviceRequest;
-use ilrec::rec::pipeline::{run_eval, run_most_popular, run_sasrec, run_train_on, RunConfig, TrainedRun};
+use ilrec::rec::pipeline::{run_eval_on, run_most_popular, run_sasrec, run_train_on, RunConfig, TrainedRun};
 use ilrec::train::trainer::StepReport;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -26,6 +26,9 @@ pub struct EvalArgs {
     /// valid | test.
     #[arg(long, default_value = "test")]
     split: String,
+    /// Where `eval`'s beam search runs: cpu | cuda | auto (sasrec and popularity ignore it).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(clap::Args)]
@@ -42,6 +45,9 @@ pub struct RecommendArgs {
     /// How many items to print.
     #[arg(long, default_value_t = 10)]
     top: usize,
+    /// Where the beam search runs: cpu | cuda | auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
@@ -87,7 +93,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut bar: Option<Progress> = None;
     let mut progress = |d: usize, n: usize| bar.get_or_insert_with(|| Progress::new(n as u64, "eval users")).set(d as u64, "");
-    let m = run_eval(&cfg, &a.split, &mut progress)?;
+    let device = a.device.parse::<DeviceRequest>()?.resolve(|n| eprintln!("{n}"))?;
+    let m = run_eval_on(&cfg, &a.split, &device, &mut progress)?;
     write_metrics(&cfg, &format!("metrics_{}.json", a.split), &m, t0.elapsed().as_secs_f64())
 }
 
@@ -111,7 +118,8 @@ pub fn popularity(a: EvalArgs) -> Result<()> {
 
 pub fn recommend(a: RecommendArgs) -> Result<()> {
     let cfg = RunConfig::from_file(&a.config)?;
-    let run = TrainedRun::load(&cfg)?;
+    let mut run = TrainedRun::load(&cfg)?;
+    run.use_device(&a.device.parse::<DeviceRequest>()?.resolve(|n| eprintln!("{n}"))?)?;
     let ds = &run.dataset;
     let history: Vec<u32> = match (&a.history, &a.user) {
         (Some(h), _) => {
@@ -143,5 +151,92 @@ pub fn recommend(a: RecommendArgs) -> Result<()> {
         let it = &ds.items[*item as usize];
         println!("{:>4}  {:>8}  {score:>9.4}  {}", r + 1, it.raw_id, it.title);
     }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct DecodeBenchArgs {
+    /// Model directory (HF layout: config.json + safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// JSON `{"items": [[token, ...], ...], "prompts": [[token, ...], ...]}`.
+    #[arg(long)]
+    input: PathBuf,
+    #[arg(long, default_value_t = 20)]
+    beam: usize,
+    #[arg(long, default_value_t = 10)]
+    top_k: usize,
+    /// Beam rows per forward: users go in chunks of max_rows / beam.
+    #[arg(long, default_value_t = 4096)]
+    max_rows: usize,
+    /// cpu | cuda | auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Weights on the GPU: f32 | bf16.
+    #[arg(long, default_value = "bf16")]
+    weights: String,
+    /// Timed runs (after one untimed warm-up run).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+}
+
+#[derive(serde::Deserialize)]
+struct DecodeInput {
+    items: Vec<Vec<u32>>,
+    prompts: Vec<Vec<u32>>,
+}
+
+/// `ilrec decode-bench`: the median time of one beam search over all prompts (the model uploaded
+/// and the trie built beforehand, once per item set, as in serving) and the ranked items, as JSON
+/// on stdout. Recommendations/s counts users (one ranked list each) per second.
+pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
+    use ilrec::backend::cuda::model::CudaModel;
+    use ilrec::backend::cuda::ops::beam::DeviceTrie;
+    use ilrec::backend::cuda::Elem;
+    use ilrec::device::Device;
+    use ilrec::rec::beam::{recommend, BeamOptions};
+    use ilrec::rec::beam_device::recommend_cuda;
+    use ilrec::rec::trie::{FlatTrie, ItemTrie};
+    let text = std::fs::read_to_string(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
+    let input: DecodeInput = serde_json::from_str(&text).with_context(|| format!("parsing {}", a.input.display()))?;
+    let model = ilrec::Model::load(&a.model)?;
+    let trie = ItemTrie::new(&input.items)?;
+    let opts = BeamOptions { beam: a.beam, top_k: a.top_k, max_rows: a.max_rows };
+    let device = a.device.parse::<DeviceRequest>()?.resolve(|n| eprintln!("{n}"))?;
+    let elem = match a.weights.as_str() {
+        "f32" => Elem::F32,
+        "bf16" => Elem::BF16,
+        o => bail!("--weights {o}: f32 | bf16"),
+    };
+    let gpu = match &device {
+        Device::Cpu => None,
+        Device::Cuda(cuda) => Some((CudaModel::upload(cuda, &model, elem)?, DeviceTrie::new(cuda, &FlatTrie::new(&trie, model.config.vocab_size)?)?)),
+    };
+    let run = || match &gpu {
+        None => recommend(&model, &trie, &input.prompts, &opts),
+        Some((m, t)) => recommend_cuda(m, t, &input.prompts, &opts),
+    };
+    let results = run()?;
+    let mut times = Vec::new();
+    for _ in 0..a.reps.max(1) {
+        let t0 = Instant::now();
+        run()?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let s = times[times.len() / 2];
+    let lists: Vec<Vec<u32>> = results.iter().map(|r| r.iter().map(|x| x.item).collect()).collect();
+    let scores: Vec<Vec<f32>> = results.iter().map(|r| r.iter().map(|x| x.score).collect()).collect();
+    let out = serde_json::json!({
+        "device": if gpu.is_some() { "cuda" } else { "cpu" },
+        "users": input.prompts.len(),
+        "items": input.items.len(),
+        "beam": a.beam,
+        "seconds": s,
+        "recs_per_s": input.prompts.len() as f64 / s,
+        "results": lists,
+        "scores": scores,
+    });
+    println!("{out}");
     Ok(())
 }

@@ -3,7 +3,7 @@
 //!
 //! The search itself ([`search`]) only sees next-token logits through [`Decoder`]; [`recommend`]
 //! drives it with the model and a KV cache, all users' beams in one forward per step.
-use super::trie::ItemTrie;
+use super::trie::{FlatTrie, ItemTrie, NO_NODE};
 use crate::error::{Error, Result};
 use crate::model::{Batch, ForwardOptions, KvCache, LogitsMode, Model};
 use serde::Serialize;
@@ -243,4 +243,181 @@ pub fn search<D: Decoder>(dec: &mut D, trie: &ItemTrie, prompts: &[Vec<u32>], op
             f.into_iter().map(|(score, item)| Recommendation { item, score: score as f32 }).collect()
         })
         .collect())
+}
+
+// ------------------------------------------------------------------------------------------
+// The device-shaped search: fixed slots, flat trie, one step function (docs/kernels/decode.md).
+
+/// The state of the device-shaped beam search for `users` users of `beam` slots each: what the
+/// device keeps between steps. A slot holds a live hypothesis (a trie node and its f64 score) or
+/// is dead ([`NO_NODE`]); live slots of a user are its live list of [`search`], in order. Each user
+/// keeps its `top_k` best finished items so far (score descending, item ascending), which is all
+/// that [`search`]'s stopping rule and result read of its finished list.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FlatBeamState {
+    pub users: usize,
+    pub beam: usize,
+    pub top_k: usize,
+    /// `[users * beam]` trie node per slot, [`NO_NODE`] for a dead slot.
+    pub node: Vec<u32>,
+    /// `[users * beam]` cumulative log-probability per slot (`-inf` for a dead slot).
+    pub score: Vec<f64>,
+    /// `[users]` no live hypothesis can enter the user's top `top_k` any more.
+    pub done: Vec<bool>,
+    /// `[users * top_k]` best finished (score, item), `fin_count[u]` of them valid.
+    pub fin_score: Vec<f64>,
+    pub fin_item: Vec<u32>,
+    pub fin_count: Vec<u32>,
+}
+
+impl FlatBeamState {
+    /// Every user at the root in slot 0.
+    pub fn new(users: usize, opts: &BeamOptions) -> Result<Self> {
+        check_options(opts)?;
+        let (beam, top_k) = (opts.beam, opts.top_k);
+        let mut node = vec![NO_NODE; users * beam];
+        let mut score = vec![f64::NEG_INFINITY; users * beam];
+        for u in 0..users {
+            node[u * beam] = 0;
+            score[u * beam] = 0.0;
+        }
+        Ok(FlatBeamState {
+            users,
+            beam,
+            top_k,
+            node,
+            score,
+            done: vec![false; users],
+            fin_score: vec![f64::NEG_INFINITY; users * top_k],
+            fin_item: vec![u32::MAX; users * top_k],
+            fin_count: vec![0; users],
+        })
+    }
+
+    /// The ranked items of each user (the result of [`search`]).
+    pub fn results(&self) -> Vec<Vec<Recommendation>> {
+        (0..self.users)
+            .map(|u| {
+                let r = u * self.top_k..u * self.top_k + self.fin_count[u] as usize;
+                self.fin_score[r.clone()].iter().zip(&self.fin_item[r]).map(|(&s, &item)| Recommendation { item, score: s as f32 }).collect()
+            })
+            .collect()
+    }
+}
+
+/// One step of the device-shaped search on the host: exactly the algorithm of the device step
+/// (kernels/beam.cu), with [`search`]'s scoring (f64 full-vocabulary log-softmax), ranking
+/// ([`cand_order`]) and finished/stopping rules. `logits` are `[users * rows_per_user, vocab]`;
+/// slot `b` of user `u` reads row `u * rows_per_user + b` (so live slots must lie below
+/// `rows_per_user`: 1 after the prompt, `beam` afterwards). Writes, per new slot, the user-local
+/// slot it extends (`parent`, for the KV-cache reorder) and the token it appends (`token`); dead
+/// new slots get parent 0 and token 0 (any valid row and token: their logits are never read).
+pub fn flat_step(trie: &FlatTrie, logits: &[f32], rows_per_user: usize, st: &mut FlatBeamState, parent: &mut [u32], token: &mut [u32]) -> Result<()> {
+    let (beam, vocab, slots) = (st.beam, trie.vocab, st.users * st.beam);
+    if logits.len() != st.users * rows_per_user * vocab || parent.len() != slots || token.len() != slots || rows_per_user == 0 || rows_per_user > beam {
+        return Err(Error::Input(format!(
+            "beam step: {} logits for {} users x {rows_per_user} rows of {vocab}, {} parents and {} tokens for {slots} slots",
+            logits.len(),
+            st.users,
+            parent.len(),
+            token.len()
+        )));
+    }
+    let mut cands = Vec::new();
+    for u in 0..st.users {
+        let slot = u * beam..(u + 1) * beam;
+        parent[slot.clone()].fill(0);
+        token[slot.clone()].fill(0);
+        if st.done[u] {
+            continue;
+        }
+        cands.clear();
+        for b in 0..beam {
+            let node = st.node[u * beam + b];
+            if node == NO_NODE {
+                continue;
+            }
+            if b >= rows_per_user {
+                return Err(Error::Input(format!("beam step: user {u}'s live slot {b} has no logits row ({rows_per_user} per user)")));
+            }
+            let r = u * rows_per_user + b;
+            let row = &logits[r * vocab..(r + 1) * vocab];
+            if let Some(i) = row.iter().position(|x| x.is_nan() || *x == f32::INFINITY) {
+                return Err(Error::NonFinite(format!("logits of user {u}, beam {b} (vocab entry {i})")));
+            }
+            let lse = log_sum_exp(row);
+            let h = st.score[u * beam + b];
+            for e in trie.edges(node) {
+                let t = trie.child_token[e];
+                cands.push(Cand { score: h + (row[t as usize] as f64 - lse), token: t, beam: b, child: trie.child_node[e] });
+            }
+        }
+        cands.sort_unstable_by(cand_order);
+        // Leaves among the top `beam` ranks finish; the best `beam` inner candidates live on.
+        let top = &cands[..cands.len().min(beam)];
+        let mut fin: Vec<(f64, u32)> = top.iter().filter_map(|c| trie.item(c.child).map(|it| (c.score, it))).collect();
+        let next: Vec<&Cand> = cands.iter().filter(|c| trie.item(c.child).is_none()).take(beam).collect();
+        let k = st.top_k;
+        let fr = u * k..u * k + st.fin_count[u] as usize;
+        fin.extend(st.fin_score[fr.clone()].iter().copied().zip(st.fin_item[fr].iter().copied()));
+        fin.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        fin.truncate(k);
+        st.fin_count[u] = fin.len() as u32;
+        for (j, &(s, it)) in fin.iter().enumerate() {
+            st.fin_score[u * k + j] = s;
+            st.fin_item[u * k + j] = it;
+        }
+        st.done[u] = match next.first() {
+            None => true,
+            Some(best) => fin.len() >= k && best.score <= fin[k - 1].0,
+        };
+        for j in 0..beam {
+            let s = u * beam + j;
+            match next.get(j).filter(|_| !st.done[u]) {
+                Some(c) => {
+                    st.node[s] = c.child;
+                    st.score[s] = c.score;
+                    parent[s] = c.beam as u32;
+                    token[s] = c.token;
+                }
+                None => {
+                    st.node[s] = NO_NODE;
+                    st.score[s] = f64::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// [`search`] by [`flat_step`]: every step feeds all `users * beam` slots to the decoder (dead
+/// ones too, as the device does), so it checks that the fixed-slot formulation gives
+/// [`search`]'s results. The reference of the device decode loop.
+pub fn flat_search<D: Decoder>(dec: &mut D, trie: &FlatTrie, prompts: &[Vec<u32>], opts: &BeamOptions) -> Result<Vec<Vec<Recommendation>>> {
+    check_options(opts)?;
+    if prompts.is_empty() {
+        return Ok(Vec::new());
+    }
+    if let Some(u) = prompts.iter().position(Vec::is_empty) {
+        return Err(Error::Input(format!("beam search: prompt {u} is empty")));
+    }
+    if dec.vocab_size() != trie.vocab {
+        return Err(Error::Input(format!("beam search: the flat trie is for {} tokens, the decoder has {}", trie.vocab, dec.vocab_size())));
+    }
+    let users = prompts.len();
+    let mut st = FlatBeamState::new(users, opts)?;
+    let mut parent = vec![0u32; users * opts.beam];
+    let mut token = vec![0u32; users * opts.beam];
+    let mut logits = dec.start(prompts)?;
+    let mut rows_per_user = 1;
+    for _ in 0..trie.max_len {
+        flat_step(trie, &logits, rows_per_user, &mut st, &mut parent, &mut token)?;
+        if st.done.iter().all(|&d| d) {
+            break;
+        }
+        let rows: Vec<usize> = (0..users * opts.beam).map(|s| (s / opts.beam) * rows_per_user + parent[s] as usize).collect();
+        logits = dec.advance(&rows, &token)?;
+        rows_per_user = opts.beam;
+    }
+    Ok(st.results())
 }

@@ -1,6 +1,7 @@
 //! Generative recommendation: data sets and splits, item identifiers, the item trie,
 //! constrained beam search and ranking metrics.
 pub mod beam;
+pub mod beam_device;
 pub mod data;
 pub mod metrics;
 pub mod pipeline;

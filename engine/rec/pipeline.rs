@@ -3,6 +3,10 @@
 //! search. Everything evaluation needs (adapter, item tokens' rows, semantic IDs) is written to
 //! the run's output directory.
 use super::beam::{recommend, BeamOptions};
+use super::beam_device::recommend_cuda;
+use super::trie::FlatTrie;
+use crate::backend::cuda::model::CudaModel;
+use crate::backend::cuda::ops::beam::DeviceTrie;
 use super::data::{leave_one_out, load_lcrec, load_recbole, load_recbole_presplit, Dataset, Sample, Split, DEFAULT_MAX_HISTORY};
 use crate::progress::Progress;
 use super::metrics::Metrics;
@@ -468,6 +472,8 @@ pub struct TrainedRun {
     pub dataset: Dataset,
     pub split: Split,
     pub beam: BeamOptions,
+    /// The merged model and the trie on the GPU, when [`TrainedRun::use_device`] chose CUDA.
+    cuda: Option<(CudaModel, DeviceTrie)>,
 }
 
 impl TrainedRun {
@@ -498,13 +504,29 @@ impl TrainedRun {
         let prompts = builder(&model, &tok, &cfg.prompt, &idents)?;
         let trie = ItemTrie::new(&trie_items(&prompts, title))?;
         let beam = BeamOptions { beam: cfg.eval.beam, top_k: cfg.eval.top_k.max(10).min(cfg.eval.beam), ..Default::default() };
-        Ok(TrainedRun { model, prompts, trie, dataset: ds, split, beam })
+        Ok(TrainedRun { model, prompts, trie, dataset: ds, split, beam, cuda: None })
+    }
+
+    /// Runs the beam search on `device` from now on: for CUDA the merged model is uploaded once in
+    /// bf16 and the trie flattened and uploaded once.
+    pub fn use_device(&mut self, device: &Device) -> Result<()> {
+        self.cuda = match device {
+            Device::Cpu => None,
+            Device::Cuda(cuda) => {
+                let flat = FlatTrie::new(&self.trie, self.model.config.vocab_size)?;
+                Some((CudaModel::upload(cuda, &self.model, Elem::BF16)?, DeviceTrie::new(cuda, &flat)?))
+            }
+        };
+        Ok(())
     }
 
     /// Ranked recommendations (item index, score) for each history (dense item ids).
     pub fn recommend(&self, histories: &[&[u32]]) -> Result<Vec<Vec<(u32, f32)>>> {
         let prompts = histories.iter().map(|h| self.prompts.prompt(h)).collect::<Result<Vec<_>>>()?;
-        let recs = recommend(&self.model, &self.trie, &prompts, &self.beam)?;
+        let recs = match &self.cuda {
+            None => recommend(&self.model, &self.trie, &prompts, &self.beam)?,
+            Some((model, trie)) => recommend_cuda(model, trie, &prompts, &self.beam)?,
+        };
         Ok(recs.into_iter().map(|r| r.into_iter().map(|x| (x.item, x.score)).collect()).collect())
     }
 }
@@ -522,7 +544,13 @@ pub fn eval_samples(cfg: &RunConfig, split: &Split, split_name: &str) -> Result<
 /// Evaluates the trained run of `cfg` on `split` (`valid` or `test`): full ranking by beam
 /// search over every item, Hit@5/10 and NDCG@5/10; `progress(done, total)` per chunk.
 pub fn run_eval(cfg: &RunConfig, split_name: &str, progress: &mut dyn FnMut(usize, usize)) -> Result<Metrics> {
-    let run = TrainedRun::load(cfg)?;
+    run_eval_on(cfg, split_name, &Device::Cpu, progress)
+}
+
+/// [`run_eval`] with the beam search on `device`.
+pub fn run_eval_on(cfg: &RunConfig, split_name: &str, device: &Device, progress: &mut dyn FnMut(usize, usize)) -> Result<Metrics> {
+    let mut run = TrainedRun::load(cfg)?;
+    run.use_device(device)?;
     let samples = eval_samples(cfg, &run.split, split_name)?;
     let mut metrics = Metrics::default();
     let chunk = 8;

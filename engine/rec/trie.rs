@@ -223,3 +223,149 @@ impl ItemTrie {
         &self.order
     }
 }
+
+/// Marks "no child" in [`FlatTrie::first`] and "no node" in the device beam state.
+pub const NO_NODE: u32 = u32::MAX;
+
+/// The trie as the flat arrays the device beam step reads (docs/kernels/decode.md): children in
+/// CSR form as two parallel arrays (token, child node; sorted by token within a node), the item
+/// of each node (`u32::MAX` for inner nodes), and a dense first-level table `first[token]` = the
+/// root's child along `token` or [`NO_NODE`] (the one level whose fan-out may span much of the
+/// vocabulary: an O(1) lookup instead of a search). Built once per item set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlatTrie {
+    pub child_start: Vec<u32>,
+    pub child_token: Vec<u32>,
+    pub child_node: Vec<u32>,
+    pub node_item: Vec<u32>,
+    pub first: Vec<u32>,
+    pub vocab: usize,
+    pub num_items: usize,
+    pub max_len: usize,
+    /// Largest number of children of any node (bounds a beam's candidates per step).
+    pub max_fanout: usize,
+}
+
+impl FlatTrie {
+    /// Flattens `trie` for a vocabulary of `vocab` tokens (every item token must be below it),
+    /// then validates the result.
+    pub fn new(trie: &ItemTrie, vocab: usize) -> Result<FlatTrie> {
+        if trie.max_token() as usize >= vocab || vocab >= NO_NODE as usize {
+            return Err(Error::Input(format!("flat trie: item token {} is outside the vocabulary ({vocab} tokens)", trie.max_token())));
+        }
+        let mut first = vec![NO_NODE; vocab];
+        for &(t, c) in trie.children(trie.root()) {
+            first[t as usize] = c;
+        }
+        let max_fanout = trie.child_start.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
+        let flat = FlatTrie {
+            child_start: trie.child_start.clone(),
+            child_token: trie.edges.iter().map(|e| e.0).collect(),
+            child_node: trie.edges.iter().map(|e| e.1).collect(),
+            node_item: trie.item.clone(),
+            first,
+            vocab,
+            num_items: trie.num_items(),
+            max_len: trie.max_len(),
+            max_fanout,
+        };
+        flat.validate()?;
+        Ok(flat)
+    }
+
+    pub fn num_nodes(&self) -> usize {
+        self.node_item.len()
+    }
+
+    /// The invariants the device step relies on without checking them (it indexes with these
+    /// values): CSR offsets monotone and covering the edges, tokens strictly increasing within a
+    /// node and inside the vocabulary, children numbered after their parent (preorder, so no
+    /// cycles and every path ends within `num_nodes` steps), leaves exactly the nodes without
+    /// children, items in range, and `first` equal to the root's children. An error names the
+    /// node or token at fault.
+    pub fn validate(&self) -> Result<()> {
+        let n = self.num_nodes();
+        let e = self.child_token.len();
+        let bad = |m: String| Err(Error::Input(format!("flat trie: {m}")));
+        if n == 0 || self.child_start.len() != n + 1 || self.child_node.len() != e || self.first.len() != self.vocab {
+            return bad(format!("array lengths do not fit ({n} nodes, {} offsets, {e} tokens, {} child nodes, first level {} for vocab {})", self.child_start.len(), self.child_node.len(), self.first.len(), self.vocab));
+        }
+        if self.child_start[0] != 0 || self.child_start[n] as usize != e {
+            return bad(format!("child offsets must run from 0 to {e}"));
+        }
+        let mut items = 0usize;
+        for node in 0..n {
+            let (s, t) = (self.child_start[node] as usize, self.child_start[node + 1] as usize);
+            if t < s {
+                return bad(format!("node {node}: child offsets decrease"));
+            }
+            let toks = &self.child_token[s..t];
+            if let Some(w) = toks.windows(2).find(|w| w[0] >= w[1]) {
+                return bad(format!("node {node}: child tokens {} and {} are not strictly increasing", w[0], w[1]));
+            }
+            if let Some(&tok) = toks.iter().find(|&&tok| tok as usize >= self.vocab) {
+                return bad(format!("node {node}: child token {tok} is outside the vocabulary ({})", self.vocab));
+            }
+            if let Some(&c) = self.child_node[s..t].iter().find(|&&c| c as usize <= node || c as usize >= n) {
+                return bad(format!("node {node}: child node {c} is not a later node (of {n})"));
+            }
+            let item = self.node_item[node];
+            match (item == NO_ITEM, t == s) {
+                (true, true) => return bad(format!("node {node} has neither children nor an item")),
+                (false, false) => return bad(format!("node {node} has both children and item {item}")),
+                (false, true) if item as usize >= self.num_items => return bad(format!("node {node}: item {item} >= {} items", self.num_items)),
+                (false, true) => items += 1,
+                (true, false) => {}
+            }
+        }
+        if items != self.num_items || self.node_item[0] != NO_ITEM {
+            return bad(format!("{items} leaves for {} items (the root must be inner)", self.num_items));
+        }
+        for (tok, &c) in self.first.iter().enumerate() {
+            if c != self.csr_child(0, tok as u32).unwrap_or(NO_NODE) {
+                return bad(format!("first-level table entry for token {tok} is {c}, not the root's child"));
+            }
+        }
+        Ok(())
+    }
+
+    /// `(first edge, end)` of `node`'s children.
+    pub fn edges(&self, node: u32) -> std::ops::Range<usize> {
+        self.child_start[node as usize] as usize..self.child_start[node as usize + 1] as usize
+    }
+
+    /// The child of `node` along `token` (the dense table at the root, a binary search below).
+    pub fn child(&self, node: u32, token: u32) -> Option<u32> {
+        if node == 0 {
+            return self.first.get(token as usize).copied().filter(|&c| c != NO_NODE);
+        }
+        self.csr_child(node, token)
+    }
+
+    fn csr_child(&self, node: u32, token: u32) -> Option<u32> {
+        let r = self.edges(node);
+        self.child_token[r.clone()].binary_search(&token).ok().map(|i| self.child_node[r.start + i])
+    }
+
+    /// The item ending at `node` (leaves only).
+    pub fn item(&self, node: u32) -> Option<u32> {
+        let it = self.node_item[node as usize];
+        (it != NO_ITEM).then_some(it)
+    }
+}
+
+/// `n` distinct synthetic semantic-ID items over `vocab` tokens: three codes of 256 (the first
+/// skewed: half the items share 16 first codes) then the end token `vocab - 1`, codes in the
+/// vocabulary's last `3 * 256 + 1` ids. The item sets of the decode checks, benches and the HF
+/// side-by-side (docs/kernels/decode.md). Needs `n <= 256^3` and `vocab > 3 * 256`.
+pub fn synthetic_semantic_items(rng: &mut crate::rng::Rng, n: usize, vocab: usize) -> Vec<Vec<u32>> {
+    assert!(n <= 1 << 24 && vocab > 3 * 256, "synthetic items: {n} items over {vocab} tokens");
+    let base = (vocab - 3 * 256 - 1) as u32;
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < n {
+        let a = if rng.below(2) == 0 { rng.below(16) } else { rng.below(256) } as u32;
+        let (b, c) = (rng.below(256) as u32, rng.below(256) as u32);
+        seen.insert(vec![base + a, base + 256 + b, base + 512 + c, vocab as u32 - 1]);
+    }
+    seen.into_iter().collect()
+}

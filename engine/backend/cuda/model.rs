@@ -86,6 +86,62 @@ impl CudaKvCache {
     pub fn capacity(&self) -> usize {
         self.cap
     }
+
+    /// Sequences in the cache.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Beam reorder on the device: the cache's rows form `groups` equal groups (one per user);
+    /// new row `r` (of `groups * per_group`) is row `parent[r]` of its group (`parent` u32
+    /// `[groups * per_group]`, user-local, on the device: the beam step's output, never read
+    /// back). The host half of the cache (padding mask, real-token counts) is the same for every
+    /// row of a group, which is what lets it follow without knowing the parents: this holds when
+    /// each group started as one prompt row, and is checked.
+    pub fn reorder_groups(&mut self, parent: &DeviceTensor, groups: usize, per_group: usize) -> Result<()> {
+        use super::ops::beam::{kv_reorder, ReorderLayout};
+        if groups == 0 || self.batch % groups != 0 {
+            return Err(Error::Input(format!("KV reorder: {} cached rows do not form {groups} groups", self.batch)));
+        }
+        let src_per = self.batch / groups;
+        let cap = self.cap;
+        for g in 0..groups {
+            let first = g * src_per;
+            for r in first + 1..first + src_per {
+                if self.real[r] != self.real[first] || self.mask[r * cap..(r + 1) * cap] != self.mask[first * cap..(first + 1) * cap] {
+                    return Err(Error::Input(format!("KV reorder: rows {first} and {r} of group {g} have different padding")));
+                }
+            }
+        }
+        let shape = |t: &DeviceTensor| {
+            let s = t.shape();
+            (s[1], s[3])
+        };
+        let (heads, d) = self.k.first().map(shape).unwrap_or((0, 0));
+        let layout = ReorderLayout { groups, src_per, dst_per: per_group, heads, cap, len: self.len, d };
+        let rows = groups * per_group;
+        let cuda = match self.k.first() {
+            Some(t) => t.cuda().clone(),
+            None => return Err(Error::Input("KV reorder: the cache has no blocks".into())),
+        };
+        let reorder = |old: &DeviceTensor, what: &str| -> Result<DeviceTensor> {
+            let mut t = DeviceTensor::empty(&cuda, &[rows, heads, cap, d], Elem::F32, what)?;
+            kv_reorder(&cuda, &mut t, old, parent, layout)?;
+            Ok(t)
+        };
+        let k = self.k.iter().map(|t| reorder(t, "KV cache keys (reordered)")).collect::<Result<Vec<_>>>()?;
+        let v = self.v.iter().map(|t| reorder(t, "KV cache values (reordered)")).collect::<Result<Vec<_>>>()?;
+        let mut mask = Vec::with_capacity(rows * cap);
+        let mut real = Vec::with_capacity(rows);
+        for g in 0..groups {
+            for _ in 0..per_group {
+                mask.extend_from_slice(&self.mask[g * src_per * cap..(g * src_per + 1) * cap]);
+                real.push(self.real[g * src_per]);
+            }
+        }
+        (self.k, self.v, self.mask, self.real, self.batch) = (k, v, mask, real, rows);
+        Ok(())
+    }
 }
 
 fn dlinear(cuda: &Cuda, l: &crate::model::Linear, elem: Elem, what: &str) -> Result<DLinear> {
@@ -246,6 +302,21 @@ impl CudaModel {
     /// Runs `batch` as the continuation of what `cache` holds (see `Model::forward_cached`; same
     /// inputs, same outputs up to rounding).
     pub fn forward_cached(&self, batch: &Batch, cache: &mut CudaKvCache, opts: &ForwardOptions) -> Result<ForwardOutput> {
+        self.forward_cached_on(batch, None, cache, opts, false).map(|(out, _)| out)
+    }
+
+    /// The last real position's logits (`[batch, vocab]` f32), left on the device: the decode
+    /// loop of the device beam search, with no host synchronisation. `tokens` (u32, one per
+    /// position of `batch`) replaces `batch.tokens` when given, so a step can feed tokens the
+    /// device chose; `batch` still gives the shape and the padding mask. The caller vouches that
+    /// device tokens are inside the vocabulary (they are not read back to check).
+    pub fn forward_last_on_device(&self, batch: &Batch, tokens: Option<&DeviceTensor>, cache: &mut CudaKvCache) -> Result<DeviceTensor> {
+        let fo = ForwardOptions { logits: LogitsMode::Last, ..Default::default() };
+        let (_, last) = self.forward_cached_on(batch, tokens, cache, &fo, true)?;
+        last.ok_or_else(|| Error::Input("forward_last_on_device: no logits".into()))
+    }
+
+    fn forward_cached_on(&self, batch: &Batch, dev_tokens: Option<&DeviceTensor>, cache: &mut CudaKvCache, opts: &ForwardOptions, last_on_device: bool) -> Result<(ForwardOutput, Option<DeviceTensor>)> {
         let c = &self.config;
         let cu = &self.cuda;
         let (bsz, t, h) = (batch.batch, batch.seq, c.hidden_size);
@@ -272,11 +343,19 @@ impl CudaModel {
         let sin = DeviceTensor::from_f32(cu, &[n, half], &sin, "RoPE sin table")?;
         let key_mask: Vec<u8> = mask.iter().map(|&m| m as u8).collect();
         let key_mask = DeviceTensor::from_u8(cu, &[bsz, cap], &key_mask, "key mask")?;
-        let tokens = DeviceTensor::from_u32(cu, &[n], &batch.tokens, "token ids")?;
+        let uploaded;
+        let tokens = match dev_tokens {
+            Some(t) if t.elem() == Elem::U32 && t.numel() == n => t,
+            Some(t) => return Err(Error::Input(format!("device token ids {t:?} for a batch of {n} positions (u32 expected)"))),
+            None => {
+                uploaded = DeviceTensor::from_u32(cu, &[n], &batch.tokens, "token ids")?;
+                &uploaded
+            }
+        };
 
         let f32t = |shape: &[usize], what: &str| DeviceTensor::empty(cu, shape, Elem::F32, what);
         let mut x = f32t(&[n, h], "residual stream")?;
-        embedding::gather(cu, &mut x, &self.embed, &tokens)?;
+        embedding::gather(cu, &mut x, &self.embed, tokens)?;
         let probe_rows = match (&opts.probe, &probe_ids) {
             (None, _) => None,
             (Some(_), None) => Some(None),
@@ -358,12 +437,17 @@ impl CudaModel {
                 let rows = DeviceTensor::from_u32(cu, &[bsz], &rows, "last-token rows")?;
                 let mut last = f32t(&[bsz, h], "last-token hidden states")?;
                 embedding::gather(cu, &mut last, &x, &rows)?;
-                Some(Tensor::from_f32(&[bsz, vocab], self.project(&last, bsz, self.head())?.to_f32_vec()?)?)
+                let logits = self.project(&last, bsz, self.head())?;
+                if last_on_device {
+                    (cache.mask, cache.real, cache.len) = (mask, real, past + t);
+                    return Ok((out, Some(logits)));
+                }
+                Some(Tensor::from_f32(&[bsz, vocab], logits.to_f32_vec()?)?)
             }
         };
         out.logits = logits;
         (cache.mask, cache.real, cache.len) = (mask, real, past + t);
-        Ok(out)
+        Ok((out, None))
     }
 }
 

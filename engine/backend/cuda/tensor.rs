@@ -124,6 +124,11 @@ impl DeviceTensor {
         Self::from_slice(cuda, shape, v, Elem::U8, what)
     }
 
+    /// f64 data (beam scores).
+    pub fn from_f64(cuda: &Cuda, shape: &[usize], v: &[f64], what: &str) -> Result<Self> {
+        Self::from_slice(cuda, shape, v, Elem::F64, what)
+    }
+
     fn from_slice<T: bytemuck::Pod>(cuda: &Cuda, shape: &[usize], v: &[T], elem: Elem, what: &str) -> Result<Self> {
         let n: usize = shape.iter().product();
         if v.len() != n || std::mem::size_of::<T>() != elem.size() {

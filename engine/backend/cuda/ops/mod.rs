@@ -3,6 +3,7 @@
 //! launch only ever sees operands the kernel's layout comment allows. Launchers queue work on the
 //! runtime's stream and return without waiting.
 pub mod attention;
+pub mod beam;
 pub mod elementwise;
 pub mod embedding;
 pub mod kv;

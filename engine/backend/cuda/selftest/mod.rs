@@ -7,6 +7,7 @@
 //!
 //! `ilrec selftest` prints these rows as a table; tests/cuda_kernels.rs asserts every row passes.
 mod attention;
+mod beam;
 mod elementwise;
 mod embedding;
 mod gemm;
@@ -126,8 +127,10 @@ pub fn run(cuda: &Cuda, seed: u64, full: bool) -> Result<Vec<CheckRow>> {
     softmax::check(&mut c)?;
     gemm::check(&mut c)?;
     attention::check(&mut c)?;
+    beam::check(&mut c)?;
     if full {
         model::check(&mut c)?;
+        beam::decode(&mut c)?;
     }
     Ok(c.rows)
 }

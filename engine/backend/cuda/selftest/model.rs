@@ -19,7 +19,7 @@ use std::time::Instant;
 
 /// A random model of `config.json` text `json`; weights ~ N(0, 0.02^2)·fan-in scaling so
 /// activations stay O(1) through the blocks, norms near 1.
-fn random_model(json: &str, seed: u64) -> Result<Model> {
+pub(super) fn random_model(json: &str, seed: u64) -> Result<Model> {
     let value: serde_json::Value = serde_json::from_str(json).map_err(|e| crate::Error::Input(format!("selftest model config: {e}")))?;
     let config = ModelConfig::from_json(&value, Path::new("<selftest>"))?;
     let mut rng = Rng::new(seed);
@@ -57,7 +57,7 @@ fn random_model(json: &str, seed: u64) -> Result<Model> {
     Ok(Model { config, embed, blocks, norm: final_norm, lm_head })
 }
 
-const LLAMA: &str = r#"{"model_type": "llama", "hidden_size": 96, "intermediate_size": 200, "num_hidden_layers": 3,
+pub(super) const LLAMA: &str = r#"{"model_type": "llama", "hidden_size": 96, "intermediate_size": 200, "num_hidden_layers": 3,
   "num_attention_heads": 6, "num_key_value_heads": 2, "vocab_size": 301, "rms_norm_eps": 1e-5,
   "rope_theta": 10000.0, "max_position_embeddings": 256, "tie_word_embeddings": true}"#;
 const QWEN2: &str = r#"{"model_type": "qwen2", "hidden_size": 80, "intermediate_size": 136, "num_hidden_layers": 2,
