@@ -272,7 +272,7 @@ loss_rows(float *__restrict__ lse_s_out, float *__restrict__ lse_z_out, float *_
     }
     const double lse_z = gmx + log(bsum(gs, sh));
     const uint32_t y = targets[row];
-    const bool is_item = y != NONE && item[row] != 0 && S > 0;
+    const bool is_item = S > 0 && y != NONE && item[row] != 0;
     // Defaults: plain cross-entropy (or nothing for an ignored row).
     if (!is_item) {
         for (uint32_t j = threadIdx.x; j < S; j += blockDim.x) {

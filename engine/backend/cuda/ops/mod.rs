@@ -6,7 +6,9 @@ pub mod attention;
 pub mod elementwise;
 pub mod embedding;
 pub mod kv;
+pub mod loss;
 pub mod optim;
+pub mod probe;
 pub mod softmax;
 
 pub use super::blas::{fallback_gemm, matmul, Gemm, GemmImpl};

@@ -10,8 +10,10 @@ mod attention;
 mod elementwise;
 mod embedding;
 mod gemm;
+mod loss;
 mod model;
 mod optim;
+mod probe;
 mod softmax;
 
 use super::Cuda;
@@ -126,6 +128,8 @@ pub fn run(cuda: &Cuda, seed: u64, full: bool) -> Result<Vec<CheckRow>> {
     softmax::check(&mut c)?;
     gemm::check(&mut c)?;
     attention::check(&mut c)?;
+    probe::check(&mut c)?;
+    loss::check(&mut c)?;
     if full {
         model::check(&mut c)?;
     }
