@@ -33,7 +33,7 @@ namespace {
 constexpr int BM = 64, BN = 64, BK = 32, PITCH = BK + 8, THREADS = 128;
 constexpr uint32_t NONE = 0xFFFFFFFFu;
 
-struct TileSmem {
+struct __align__(16) TileSmem {
     bf16 a[2][BM][PITCH];
     bf16 b[2][BN][PITCH];
 };
@@ -169,7 +169,8 @@ loss_lse_bf16(float *__restrict__ part_max, float *__restrict__ part_sum, float 
             }
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-            const float nm = fmaxf(mx[q], tmax[q]);  // finite: column 0 of the tile is < vocab
+            const float nm = fmaxf(mx[q], tmax[q]);
+            if (nm == -INFINITY) continue;  // none of this thread's columns exist yet
             float s = sum[q] * expf(mx[q] - nm);
 #pragma unroll
             for (int j = 0; j < 4; ++j)
@@ -225,7 +226,8 @@ loss_lse_bf16(float *__restrict__ part_max, float *__restrict__ part_sum, float 
 // cross-entropy on the others; L_CPD; L_CRR; unscaled); counts [m, 2] u32 (|V_N|, negatives whose
 // final logit is below zero).
 // flags: bit 0 neg_weight = logit, bit 1 cpd_direction = reverse, bit 2 negatives = final layer.
-// Arithmetic in f64 as loss.rs; the per-row formulas are item_row's.
+// Arithmetic in f64 as loss.rs; the per-row formulas are item_row's. Launch bounds (256, 1): with
+// the default heuristic ptxas spills around the f64 division's slow path on sm_90a.
 
 namespace {
 
@@ -295,14 +297,12 @@ loss_rows(float *__restrict__ lse_s_out, float *__restrict__ lse_z_out, float *_
     }
     const uint32_t jy = tcol[row];
     const bool final_neg = (flags & 4u) != 0, logit_w = (flags & 1u) != 0, reverse = (flags & 2u) != 0;
-    // Ensemble zhat (section 2): sum over the layers in order, then times 1/k (item_row divides
-    // by k: at most one ulp apart; a double division would call a slow path that spills).
-    const double inv_k = __drcp_rn((double)(k == 0 ? 1 : k));
+    // Ensemble zhat (section 2): sum over the layers in order, then / k, as item_row.
     auto zhat = [=](uint32_t j) -> double {
         if (final_neg || k == 0) return (double)zc[rs + j];
         double s = 0.0;
         for (uint32_t l = 0; l < k; ++l) s += (double)zp[((uint64_t)l * m + row) * S + j];
-        return s * inv_k;
+        return s / (double)k;
     };
     auto all = [](uint32_t) { return true; };
     const double lse_hat = block_lse(S, zhat, all, sh);
@@ -453,8 +453,8 @@ loss_dlogits_bf16(bf16 *__restrict__ dz, float *__restrict__ dtrain, const bf16 
 extern "C" __global__ void __launch_bounds__(THREADS)
 loss_dhidden_bf16(float *__restrict__ dn, const bf16 *__restrict__ dz, const bf16 *__restrict__ w, uint32_t m,
                   uint32_t h, uint32_t vc, uint32_t ldz, uint32_t accumulate) {
-    __shared__ bf16 as[2][BM][PITCH];
-    __shared__ bf16 bs[2][BK][BN + 8];
+    __shared__ __align__(16) bf16 as[2][BM][PITCH];
+    __shared__ __align__(16) bf16 bs[2][BK][BN + 8];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wm = warp >> 1, wn = warp & 1;
     const int g = lane >> 2, t = lane & 3;
     const uint32_t row0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
