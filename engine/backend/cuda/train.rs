@@ -7,7 +7,8 @@
 //!
 //! Status: compiled, unverified on GPU (checked by `ilrec selftest --full` against the CPU).
 use super::model::{CudaModel, DLinear, GemmIn};
-use super::ops::{attention, elementwise as ew, embedding, kv, matmul, Gemm};
+use super::ops::loss::{Ids, IlrecInputs, LossPlan};
+use super::ops::{attention, elementwise as ew, embedding, kv, matmul, probe, Gemm};
 use super::{Cuda, DeviceTensor, Elem};
 use crate::backend::cpu::{self, AttentionShape};
 use crate::error::{Error, Result};
@@ -192,7 +193,7 @@ pub fn forward_backward(
     let c = &model.config;
     let batch = &tb.batch;
     let (bsz, t, h) = (batch.batch, batch.seq, c.hidden_size);
-    let (n, m, v) = (bsz * t, tb.positions.len(), c.vocab_size);
+    let (n, m) = (bsz * t, tb.positions.len());
     let mut pairs = Vec::with_capacity(lora.blocks.len());
     for (l, blk) in lora.blocks.iter().enumerate() {
         let mut slots: [Option<DPair>; 7] = Default::default();
@@ -276,57 +277,20 @@ pub fn forward_backward(
     let xl_rows = rows_of(&x, "final hidden rows")?;
     let mut normed = f32t(cu, &[m, h], "final-norm rows")?;
     ew::rms_norm(cu, &mut normed, &xl_rows, dm.final_norm(), None, eps)?;
-    let logits = dm.logits_of(&normed, m, dm.head())?;
     let mut grads = Grads::zeros(model, lora, trainable_tokens.len());
-    let tied = model.lm_head.is_none();
     let mut inject: Vec<(usize, DeviceTensor)> = Vec::new();
-    let host_logits = logits.to_f32_vec()?;
-    let (stats, d_final) = match objective {
-        Objective::Sft => sft_loss(&host_logits, v, &tb.targets, norm)?,
-        Objective::Ilrec { params, layers, candidates } => {
-            let s = candidates.len();
-            let cand = DeviceTensor::from_u32(cu, &[s], candidates, "ILRec candidates")?;
-            let mut rows_s = DeviceTensor::empty(cu, &[s, h], dm.weights(), "candidate LM-head rows")?;
-            embedding::gather(cu, &mut rows_s, dm.head(), &cand)?;
-            let mut probe_rows = Vec::with_capacity(layers.len());
-            let mut probe_logits = Vec::with_capacity(layers.len());
-            for &l in layers {
-                let src = if l == c.num_layers { &x } else { &tapes[l].x_in };
-                let xr = rows_of(src, "probe hidden rows")?;
-                let mut nr = f32t(cu, &[m, h], "probe normed rows")?;
-                ew::rms_norm(cu, &mut nr, &xr, dm.final_norm(), None, eps)?;
-                probe_logits.push(dm.logits_of(&nr, m, &rows_s)?.to_f32_vec()?);
-                probe_rows.push((xr, nr));
-            }
-            let probe_refs: Vec<&[f32]> = probe_logits.iter().map(Vec::as_slice).collect();
-            let rows = LossRows { final_logits: &host_logits, vocab: v, targets: &tb.targets, item_mask: &tb.item_mask, probe_logits: &probe_refs, candidates, rewards: tb.rewards.as_deref() };
-            let (st, g) = ilrec_loss(&rows, params, norm)?;
-            for ((&l, dz_host), (xr, nr)) in layers.iter().zip(&g.d_probe).zip(&probe_rows) {
-                let dz = DeviceTensor::from_f32(cu, &[m, s], dz_host, "probe logit gradients")?;
-                let dn = dm.input_grad_of(&dz, m, &rows_s)?;
-                let mut dx = zeros(cu, &[m, h], "probe hidden-row gradients")?;
-                ew::rms_norm_backward_dx(cu, &mut dx, &dn, xr, dm.final_norm(), None, eps)?;
-                inject.push((l, dx));
-                let dst = if tied { &mut grads.embed_rows } else { &mut grads.head_rows };
-                head_row_grads(cu, dst, dz_host, s, |j| candidates[j], &slot, nr, h)?;
-            }
-            (st, g.d_final)
-        }
+    let mut dx = zeros(cu, &[n, h], "residual gradient")?;
+    let block_out = |b: usize| -> &DeviceTensor { if b == c.num_layers { &x } else { &tapes[b].x_in } };
+    let rows = LossIn { cfg: c, tb, objective, trainable_tokens, slot: &slot, norm, pos: &pos_u32, xl_rows: &xl_rows, normed: &normed };
+    let stats = if dm.weights() == Elem::BF16 && h % 8 == 0 {
+        fused_loss(dm, &rows, &block_out, &mut grads, &mut inject, &mut dx, (&scatter_offsets, &scatter_list))?
+    } else {
+        host_loss(dm, &rows, &block_out, &mut grads, &mut inject, &mut dx, (&scatter_offsets, &scatter_list))?
     };
+
     if !stats.loss.is_finite() {
         return Err(Error::NonFinite(format!("loss ({})", stats.loss)));
     }
-    let mut dx = zeros(cu, &[n, h], "residual gradient")?;
-    {
-        let d_final_d = DeviceTensor::from_f32(cu, &[m, v], &d_final, "final logit gradients")?;
-        let dn = dm.input_grad_of(&d_final_d, m, dm.head())?;
-        let mut dxr = zeros(cu, &[m, h], "final hidden-row gradients")?;
-        ew::rms_norm_backward_dx(cu, &mut dxr, &dn, &xl_rows, dm.final_norm(), None, eps)?;
-        embedding::scatter_add_csr(cu, &mut dx, &dxr, &scatter_offsets, &scatter_list)?;
-        let dst = if tied { &mut grads.embed_rows } else { &mut grads.head_rows };
-        head_row_grads(cu, dst, &d_final, v, |j| j as u32, &slot, &normed, h)?;
-    }
-
     // Backward through the blocks.
     for (l, blk) in dm.blocks().iter().enumerate().rev() {
         for (bl, g) in &inject {
@@ -388,3 +352,158 @@ pub fn forward_backward(
     }
     Ok((stats, grads))
 }
+
+/// The response rows' loss inputs shared by [`fused_loss`] and [`host_loss`].
+struct LossIn<'a> {
+    cfg: &'a crate::model::ModelConfig,
+    tb: &'a TrainBatch,
+    objective: &'a Objective,
+    trainable_tokens: &'a [u32],
+    slot: &'a [u32],
+    norm: f64,
+    /// Flat row index of each loss row.
+    pos: &'a [u32],
+    /// Final residual rows `[m, h]` and their final-norm output.
+    xl_rows: &'a DeviceTensor,
+    normed: &'a DeviceTensor,
+}
+
+/// The row-scatter lists of `row_scatter_lists`.
+type Scatter<'a> = (&'a DeviceTensor, &'a DeviceTensor);
+
+/// The loss through kernels/loss.cu and kernels/probe.cu (bf16 weights): the logits stream
+/// through the GPU and are never stored or downloaded; the probes project onto the candidate head
+/// rows for all probed blocks at once. Adds the final rows' gradient into `dx`, the probed
+/// blocks' into `inject`, and the trainable head-row gradients into `grads`.
+fn fused_loss<'t>(dm: &CudaModel, r: &LossIn<'_>, block_out: &dyn Fn(usize) -> &'t DeviceTensor, grads: &mut Grads, inject: &mut Vec<(usize, DeviceTensor)>, dx: &mut DeviceTensor, (so, sl): Scatter<'_>) -> Result<LossStats> {
+    let cu = dm.cuda();
+    let c = r.cfg;
+    let (h, v, m, n) = (c.hidden_size, c.vocab_size, r.pos.len(), dx.shape()[0]);
+    let eps = c.rms_norm_eps;
+    let tied = grads.head_rows.is_empty();
+    let normed_b = match dm.gemm_input(r.normed, m)? {
+        Some(b) => b,
+        None => return Err(Error::Input("fused loss: needs bf16 weights".into())),
+    };
+    let mut probe_state = None;
+    let out = match r.objective {
+        Objective::Sft => LossPlan::new(cu, v, &r.tb.targets, None, r.trainable_tokens)?.run(cu, &normed_b, dm.head(), None, r.norm)?,
+        Objective::Ilrec { params, layers, candidates } => {
+            let s = candidates.len();
+            let pos = Ids::new(cu, r.pos, n, false, "loss positions")?;
+            let cand = Ids::new(cu, candidates, v, false, "ILRec candidates")?;
+            let outs: Vec<&DeviceTensor> = layers.iter().map(|&l| block_out(l)).collect();
+            let mut z = f32t(cu, &[layers.len(), m, s], "probe logits")?;
+            probe::probe_project(cu, &mut z, &outs, &pos, dm.final_norm(), dm.head(), &cand, eps)?;
+            let plan = LossPlan::new(cu, v, &r.tb.targets, Some((&r.tb.item_mask, candidates)), r.trainable_tokens)?;
+            let rewards = match &r.tb.rewards {
+                Some(rw) => Some(DeviceTensor::from_f32(cu, &[m, s], rw, "CF rewards")?),
+                None => None,
+            };
+            let inputs = IlrecInputs { params: *params, probe: &z, rewards: rewards.as_ref() };
+            let out = plan.run(cu, &normed_b, dm.head(), Some(&inputs), r.norm)?;
+            probe_state = Some((pos, outs, candidates, layers));
+            out
+        }
+    };
+    let dst = if tied { &mut grads.embed_rows } else { &mut grads.head_rows };
+    // Final rows: through the final norm into the residual stream, and the trainable head rows.
+    let mut dxr = zeros(cu, &[m, h], "final hidden-row gradients")?;
+    ew::rms_norm_backward_dx(cu, &mut dxr, &out.dnormed, r.xl_rows, dm.final_norm(), None, eps)?;
+    embedding::scatter_add_csr(cu, dx, &dxr, so, sl)?;
+    if let Some(dt) = &out.dtrain {
+        let mut g = f32t(cu, &[r.trainable_tokens.len(), h], "trainable head row gradients")?;
+        matmul(cu, &mut g, dt, r.normed, Gemm::TN)?;
+        for (d, v) in dst.iter_mut().zip(g.to_f32_vec()?) {
+            *d += v;
+        }
+    }
+    // Probes: dz^l through the candidate rows (one GEMM for all layers) and the final norm.
+    if let (Some((pos, outs, candidates, layers)), Some(dp)) = (probe_state, out.dprobe) {
+        let (k, s) = (layers.len(), candidates.len());
+        let cand_d = DeviceTensor::from_u32(cu, &[s], candidates, "ILRec candidates")?;
+        let mut rows_s = DeviceTensor::empty(cu, &[s, h], dm.weights(), "candidate LM-head rows")?;
+        embedding::gather(cu, &mut rows_s, dm.head(), &cand_d)?;
+        let dp = dp.reshape(&[k * m, s])?;
+        let dn = dm.input_grad_of(&dp, k * m, &rows_s)?.reshape(&[k, m, h])?;
+        let mut dxs: Vec<DeviceTensor> = (0..k).map(|_| f32t(cu, &[m, h], "probe hidden-row gradients")).collect::<Result<_>>()?;
+        probe::probe_norm_backward(cu, &mut dxs, &dn, &outs, &pos, dm.final_norm(), eps)?;
+        inject.extend(layers.iter().copied().zip(dxs));
+        let picked: Vec<(usize, u32)> = candidates.iter().enumerate().filter_map(|(j, &t)| (r.slot[t as usize] != u32::MAX).then_some((j, r.slot[t as usize]))).collect();
+        if !picked.is_empty() {
+            let mut normed_p = f32t(cu, &[k * m, h], "probe normed rows")?;
+            probe::probe_normed(cu, &mut normed_p, &outs, &pos, dm.final_norm(), eps)?;
+            let mut g = f32t(cu, &[s, h], "candidate head row gradients")?;
+            matmul(cu, &mut g, &dp, &normed_p, Gemm::TN)?;
+            let g = g.to_f32_vec()?;
+            for (j, sl) in picked {
+                for (d, v) in dst[sl as usize * h..(sl as usize + 1) * h].iter_mut().zip(&g[j * h..(j + 1) * h]) {
+                    *d += v;
+                }
+            }
+        }
+    }
+    Ok(out.stats)
+}
+
+/// The loss on the host from the downloaded response-row logits (`m x V` final, `m x S` probes),
+/// through the CPU's `sft_loss` / `ilrec_loss`: the path for f32 weights (the f32 self-test) and
+/// hidden sizes the fused kernels do not take. Same outputs as [`fused_loss`].
+fn host_loss<'t>(dm: &CudaModel, r: &LossIn<'_>, block_out: &dyn Fn(usize) -> &'t DeviceTensor, grads: &mut Grads, inject: &mut Vec<(usize, DeviceTensor)>, dx: &mut DeviceTensor, (so, sl): Scatter<'_>) -> Result<LossStats> {
+    let cu = dm.cuda();
+    let c = r.cfg;
+    let (h, v, m) = (c.hidden_size, c.vocab_size, r.pos.len());
+    let eps = c.rms_norm_eps;
+    let tied = grads.head_rows.is_empty();
+    let (tb, slot, normed, xl_rows) = (r.tb, r.slot, r.normed, r.xl_rows);
+    let pos_d = DeviceTensor::from_u32(cu, &[m], r.pos, "loss positions")?;
+    let rows_of = |src: &DeviceTensor, what: &str| -> Result<DeviceTensor> {
+        let mut o = f32t(cu, &[m, h], what)?;
+        embedding::gather(cu, &mut o, src, &pos_d)?;
+        Ok(o)
+    };
+    let logits = dm.logits_of(&normed, m, dm.head())?;
+    let host_logits = logits.to_f32_vec()?;
+    let (stats, d_final) = match r.objective {
+        Objective::Sft => sft_loss(&host_logits, v, &tb.targets, r.norm)?,
+        Objective::Ilrec { params, layers, candidates } => {
+            let s = candidates.len();
+            let cand = DeviceTensor::from_u32(cu, &[s], candidates, "ILRec candidates")?;
+            let mut rows_s = DeviceTensor::empty(cu, &[s, h], dm.weights(), "candidate LM-head rows")?;
+            embedding::gather(cu, &mut rows_s, dm.head(), &cand)?;
+            let mut probe_rows = Vec::with_capacity(layers.len());
+            let mut probe_logits = Vec::with_capacity(layers.len());
+            for &l in layers {
+                let xr = rows_of(block_out(l), "probe hidden rows")?;
+                let mut nr = f32t(cu, &[m, h], "probe normed rows")?;
+                ew::rms_norm(cu, &mut nr, &xr, dm.final_norm(), None, eps)?;
+                probe_logits.push(dm.logits_of(&nr, m, &rows_s)?.to_f32_vec()?);
+                probe_rows.push((xr, nr));
+            }
+            let probe_refs: Vec<&[f32]> = probe_logits.iter().map(Vec::as_slice).collect();
+            let rows = LossRows { final_logits: &host_logits, vocab: v, targets: &tb.targets, item_mask: &tb.item_mask, probe_logits: &probe_refs, candidates, rewards: tb.rewards.as_deref() };
+            let (st, g) = ilrec_loss(&rows, params, r.norm)?;
+            for ((&l, dz_host), (xr, nr)) in layers.iter().zip(&g.d_probe).zip(&probe_rows) {
+                let dz = DeviceTensor::from_f32(cu, &[m, s], dz_host, "probe logit gradients")?;
+                let dn = dm.input_grad_of(&dz, m, &rows_s)?;
+                let mut dx = zeros(cu, &[m, h], "probe hidden-row gradients")?;
+                ew::rms_norm_backward_dx(cu, &mut dx, &dn, xr, dm.final_norm(), None, eps)?;
+                inject.push((l, dx));
+                let dst = if tied { &mut grads.embed_rows } else { &mut grads.head_rows };
+                head_row_grads(cu, dst, dz_host, s, |j| candidates[j], slot, nr, h)?;
+            }
+            (st, g.d_final)
+        }
+    };
+    {
+        let d_final_d = DeviceTensor::from_f32(cu, &[m, v], &d_final, "final logit gradients")?;
+        let dn = dm.input_grad_of(&d_final_d, m, dm.head())?;
+        let mut dxr = zeros(cu, &[m, h], "final hidden-row gradients")?;
+        ew::rms_norm_backward_dx(cu, &mut dxr, &dn, &xl_rows, dm.final_norm(), None, eps)?;
+        embedding::scatter_add_csr(cu, dx, &dxr, so, sl)?;
+        let dst = if tied { &mut grads.embed_rows } else { &mut grads.head_rows };
+        head_row_grads(cu, dst, &d_final, v, |j| j as u32, slot, normed, h)?;
+    }
+    Ok(stats)
+}
+

@@ -7,7 +7,9 @@ pub mod beam;
 pub mod elementwise;
 pub mod embedding;
 pub mod kv;
+pub mod loss;
 pub mod optim;
+pub mod probe;
 pub mod softmax;
 
 pub use super::blas::{fallback_gemm, matmul, Gemm, GemmImpl};

@@ -11,8 +11,10 @@ mod beam;
 mod elementwise;
 mod embedding;
 mod gemm;
+mod loss;
 mod model;
 mod optim;
+mod probe;
 mod softmax;
 
 use super::Cuda;
@@ -128,6 +130,8 @@ pub fn run(cuda: &Cuda, seed: u64, full: bool) -> Result<Vec<CheckRow>> {
     gemm::check(&mut c)?;
     attention::check(&mut c)?;
     beam::check(&mut c)?;
+    probe::check(&mut c)?;
+    loss::check(&mut c)?;
     if full {
         model::check(&mut c)?;
         beam::decode(&mut c)?;
