@@ -6,6 +6,7 @@ pub mod attention;
 pub mod elementwise;
 pub mod embedding;
 pub mod kv;
+pub mod lora;
 pub mod optim;
 pub mod softmax;
 

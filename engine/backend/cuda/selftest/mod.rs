@@ -10,6 +10,7 @@ mod attention;
 mod elementwise;
 mod embedding;
 mod gemm;
+mod lora;
 mod model;
 mod optim;
 mod softmax;
@@ -126,6 +127,7 @@ pub fn run(cuda: &Cuda, seed: u64, full: bool) -> Result<Vec<CheckRow>> {
     softmax::check(&mut c)?;
     gemm::check(&mut c)?;
     attention::check(&mut c)?;
+    lora::check(&mut c)?;
     if full {
         model::check(&mut c)?;
     }
