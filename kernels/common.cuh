@@ -18,7 +18,9 @@
 //   CPU reference by construction. Element-wise kernels are grid-stride loops: any grid works.
 #pragma once
 
+#ifndef ILREC_EMU  // the host emulator (kernels/emu/emu.h) supplies bf16
 #include <cuda_bf16.h>
+#endif
 #include <stdint.h>
 
 namespace ilrec {
@@ -122,9 +124,11 @@ __device__ __forceinline__ F block_max(F v, F *sh) {
 
 // Dynamic shared memory (the launch's shared-bytes argument) as `T *name`, 16-byte aligned. Kernels
 // declare it only through this macro so that the host emulator (kernels/emu/) can supply it.
+#ifndef ILREC_EMU  // kernels/emu/emu.h defines the emulator's version
 #define ILREC_DYN_SMEM(T, name)                                         \
     extern __shared__ __align__(16) unsigned char ilrec_dyn_smem_[]; \
     T *name = reinterpret_cast<T *>(ilrec_dyn_smem_)
+#endif
 
 // Grid-stride loop over [0, n).
 #define ILREC_GRID_STRIDE(i, n)                                                               \

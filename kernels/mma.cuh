@@ -92,6 +92,10 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
+#else  // the host emulator: the same wrappers as warp collectives over these layouts
+
+#include "emu/mma_emu.h"
+
 #endif  // ILREC_EMU
 
 }  // namespace ilrec
