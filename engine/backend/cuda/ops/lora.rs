@@ -62,7 +62,8 @@ fn capacity(r: usize) -> usize {
     }
 }
 
-fn gemm_kernel(backward: bool, low: LowRank, r: usize) -> &'static str {
+/// The fused-GEMM entry point for a direction, a way of getting `T` and rank `r`.
+pub fn gemm_kernel(backward: bool, low: LowRank, r: usize) -> &'static str {
     match (backward, low, capacity(r)) {
         (false, LowRank::InLoop, 16) => "lora_gemm_fwd_r16",
         (false, LowRank::InLoop, 32) => "lora_gemm_fwd_r32",
@@ -88,6 +89,29 @@ pub fn gemm_smem_bytes(r: usize, low: LowRank) -> usize {
     let main = 2 * stage * 2;
     let epi = (TILE * cap + TILE * cap) * 2;
     main.max(epi)
+}
+
+/// The [`down`] entry point for a factor layout, an input element type and rank `r` (None: no
+/// such kernel).
+pub fn down_kernel(layout: DownFactor, input: Elem, r: usize) -> Option<&'static str> {
+    Some(match (layout, input, capacity(r)) {
+        (DownFactor::RowsAreRank, Elem::F32, 16) => "lora_down_nt_f32_r16",
+        (DownFactor::RowsAreRank, Elem::F32, 32) => "lora_down_nt_f32_r32",
+        (DownFactor::RowsAreRank, Elem::F32, _) => "lora_down_nt_f32_r64",
+        (DownFactor::RowsAreRank, Elem::BF16, 16) => "lora_down_nt_bf16_r16",
+        (DownFactor::RowsAreRank, Elem::BF16, 32) => "lora_down_nt_bf16_r32",
+        (DownFactor::RowsAreRank, Elem::BF16, _) => "lora_down_nt_bf16_r64",
+        (DownFactor::ColsAreRank, Elem::F32, 16) => "lora_down_nn_f32_r16",
+        (DownFactor::ColsAreRank, Elem::F32, 32) => "lora_down_nn_f32_r32",
+        (DownFactor::ColsAreRank, Elem::F32, _) => "lora_down_nn_f32_r64",
+        _ => return None,
+    })
+}
+
+/// Dynamic shared memory of one [`down`] launch: the `[64, 32]` input tile and the factor's
+/// `[R, 32]` (or `[32, R]`) tile, R the rank capacity.
+pub fn down_smem_bytes(r: usize) -> usize {
+    (DOWN_ROWS * TILE_K + capacity(r) * TILE_K) * 2
 }
 
 /// `(rows, cols)` of a 2-D operand.
@@ -269,17 +293,8 @@ pub fn down(cuda: &Cuda, t: &mut DeviceTensor, xo: Option<&mut DeviceTensor>, x:
         all.push(("mask", d.mask));
     }
     let r = rank_of("lora_down", t, &all)?;
-    let kernel = match (layout, x.elem(), capacity(r)) {
-        (DownFactor::RowsAreRank, Elem::F32, 16) => "lora_down_nt_f32_r16",
-        (DownFactor::RowsAreRank, Elem::F32, 32) => "lora_down_nt_f32_r32",
-        (DownFactor::RowsAreRank, Elem::F32, _) => "lora_down_nt_f32_r64",
-        (DownFactor::RowsAreRank, Elem::BF16, 16) => "lora_down_nt_bf16_r16",
-        (DownFactor::RowsAreRank, Elem::BF16, 32) => "lora_down_nt_bf16_r32",
-        (DownFactor::RowsAreRank, Elem::BF16, _) => "lora_down_nt_bf16_r64",
-        (DownFactor::ColsAreRank, Elem::F32, 16) => "lora_down_nn_f32_r16",
-        (DownFactor::ColsAreRank, Elem::F32, 32) => "lora_down_nn_f32_r32",
-        (DownFactor::ColsAreRank, Elem::F32, _) => "lora_down_nn_f32_r64",
-        (_, e, _) => return Err(bad("lora_down", &all, format!("input must be F32 (or BF16 with the [r, K] factor), is {e:?}"))),
+    let Some(kernel) = down_kernel(layout, x.elem(), r) else {
+        return Err(bad("lora_down", &all, format!("input must be F32 (or BF16 with the [r, K] factor), is {:?}", x.elem())));
     };
     expect_elem(kernel, "low-rank", t, &[Elem::BF16], &all)?;
     expect_elem(kernel, "factor", factor, &[Elem::BF16], &all)?;
@@ -298,7 +313,7 @@ pub fn down(cuda: &Cuda, t: &mut DeviceTensor, xo: Option<&mut DeviceTensor>, x:
     if m == 0 {
         return Ok(());
     }
-    let smem = (DOWN_ROWS * TILE_K + capacity(r) * TILE_K) * 2;
+    let smem = down_smem_bytes(r);
     let vec = k % 8 == 0 && r % 8 == 0;
     let blocks = u32_of(kernel, "row blocks", m.div_ceil(DOWN_ROWS), &all)?;
     let cfg = Launch { grid: (blocks, 1, 1), block: (128, 1, 1), shared_bytes: smem as u32 };
