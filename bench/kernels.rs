@@ -366,7 +366,7 @@ criterion_group! {
     // Short defaults so `cargo bench --bench kernels` takes minutes on 2 cores; command-line
     // flags (--warm-up-time, --measurement-time) override them.
     config = Criterion::default().sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(2));
-    targets = kernels, flash_attention, beam_decode
+    targets = kernels, flash_attention, beam_decode, lora_linear
 }
 criterion_main!(benches);
 
@@ -501,4 +501,88 @@ fn beam_decode(c: &mut Criterion) {
         }
     }
     g.finish();
+}
+
+/// LoRA linear fwd+bwd (W frozen) at training shapes: the bare base GEMMs (cuBLAS `x W^T` and
+/// `dy W`, the target's denominator), the unfused PEFT-style chain of cuBLAS GEMMs, and the fused
+/// kernels of kernels/lora.cu (the trainer's path: the backward's pass over the f32 `dy` included;
+/// and with `du` computed in the loop from a bf16 `dy`). Every variant reports the base GEMMs'
+/// 4*M*N*K as its "elements", so the time ratio is the ratio the issue's <= 1.05x target reads.
+fn lora_linear(c: &mut Criterion) {
+    match open_cuda() {
+        Ok(cuda) => {
+            if let Err(e) = lora_linear_benches(c, &cuda) {
+                println!("cuda LoRA benches stopped: {e}");
+            }
+        }
+        Err(why) => println!("cuda LoRA benches skipped: {why}"),
+    }
+}
+
+fn lora_linear_benches(c: &mut Criterion, cuda: &Cuda) -> ilrec::Result<()> {
+    use ops::lora::{self, DownFactor, LowRank};
+    let mut rng = Rng::new(7);
+    let mut g = c.benchmark_group("cuda_lora_FLOP");
+    // (name, tokens, in K, out N): SmolLM2 q and gate at 16 x 512 tokens, a 4096-hidden q.
+    let shapes = [("smollm2 q", 8192, HIDDEN, HIDDEN), ("smollm2 gate", 8192, HIDDEN, FFN), ("4096 q", 8192, 4096, 4096)];
+    for (name, m, k, n) in shapes {
+        let x32 = DeviceTensor::from_f32(cuda, &[m, k], &random(&mut rng, m * k, 1.0), "x")?;
+        let x = DeviceTensor::from_f32_as_bf16(cuda, &[m, k], &random(&mut rng, m * k, 1.0), "x bf16")?;
+        let w = DeviceTensor::from_f32_as_bf16(cuda, &[n, k], &random(&mut rng, n * k, 0.05), "w")?;
+        let dy32 = DeviceTensor::from_f32(cuda, &[m, n], &random(&mut rng, m * n, 1.0), "dy")?;
+        let dy = DeviceTensor::from_f32_as_bf16(cuda, &[m, n], &random(&mut rng, m * n, 1.0), "dy bf16")?;
+        let mut y = DeviceTensor::empty(cuda, &[m, n], Elem::F32, "y")?;
+        let mut dx = DeviceTensor::empty(cuda, &[m, k], Elem::F32, "dx")?;
+        let mut dy16 = DeviceTensor::empty(cuda, &[m, n], Elem::BF16, "dy bf16 out")?;
+        g.throughput(Throughput::Elements((4 * m * n * k) as u64));
+        cuda_bench(&mut g, cuda, format!("{name} {m}x{k}->{n} bare base fwd+bwd (matmul)"), || {
+            ops::matmul(cuda, &mut y, &x, &w, Gemm::NT)?;
+            ops::matmul(cuda, &mut dx, &dy, &w, Gemm::NN).map(|_| ())
+        });
+        for r in [16usize, 64] {
+            let s = 2.0;
+            let a = DeviceTensor::from_f32_as_bf16(cuda, &[r, k], &random(&mut rng, r * k, 0.05), "a")?;
+            let b = DeviceTensor::from_f32_as_bf16(cuda, &[n, r], &random(&mut rng, n * r, 0.05), "b")?;
+            let mut u = DeviceTensor::empty(cuda, &[m, r], Elem::BF16, "u")?;
+            let mut du = DeviceTensor::empty(cuda, &[m, r], Elem::BF16, "du")?;
+            let mut ga = DeviceTensor::zeros(cuda, &[r, k], Elem::F32, "dA")?;
+            let mut gb = DeviceTensor::zeros(cuda, &[n, r], Elem::F32, "dB")?;
+            cuda_bench(&mut g, cuda, format!("{name} r{r} unfused LoRA fwd+bwd (matmul chain)"), || {
+                ops::matmul(cuda, &mut y, &x, &w, Gemm::NT)?;
+                ops::matmul(cuda, &mut u, &x, &a, Gemm::NT)?;
+                ops::matmul(cuda, &mut y, &u, &b, Gemm::NT.scaled(s).accumulate())?;
+                ops::matmul(cuda, &mut dx, &dy, &w, Gemm::NN)?;
+                ops::matmul(cuda, &mut du, &dy, &b, Gemm::NN.scaled(s))?;
+                ops::matmul(cuda, &mut dx, &du, &a, Gemm::NN.accumulate())?;
+                lora::weight_grads(cuda, &mut ga, &mut gb, &du, &x, &dy, &u, s)
+            });
+            let low = lora::forward_low_rank(r, n, false);
+            cuda_bench(&mut g, cuda, format!("{name} r{r} fused fwd ({low:?}) + bwd (dy f32 pass, Given)"), || {
+                if low == LowRank::Given {
+                    lora::down(cuda, &mut u, None, &x, None, &a, DownFactor::RowsAreRank, 1.0)?;
+                }
+                lora::forward(cuda, low, &mut y, &mut u, &x, &w, &a, &b, None, s)?;
+                lora::down(cuda, &mut du, Some(&mut dy16), &dy32, None, &b, DownFactor::ColsAreRank, s)?;
+                lora::backward_dx(cuda, LowRank::Given, &mut dx, &mut du, &dy16, &w, &a, &b, None, s, false)?;
+                lora::weight_grads(cuda, &mut ga, &mut gb, &du, &x, &dy16, &u, s)
+            });
+            cuda_bench(&mut g, cuda, format!("{name} r{r} fused fwd+bwd (both InLoop, dy bf16)"), || {
+                lora::forward(cuda, LowRank::InLoop, &mut y, &mut u, &x, &w, &a, &b, None, s)?;
+                lora::backward_dx(cuda, LowRank::InLoop, &mut dx, &mut du, &dy, &w, &a, &b, None, s, false)?;
+                lora::weight_grads(cuda, &mut ga, &mut gb, &du, &x, &dy, &u, s)
+            });
+            let mask = DeviceTensor::from_u8(cuda, &[m, k], &(0..m * k).map(|_| u8::from(rng.next_f32() >= 0.05)).collect::<Vec<_>>(), "mask")?;
+            let drop = Some(lora::Dropout { mask: &mask, keep: 1.0 / 0.95 });
+            let mut xd = DeviceTensor::empty(cuda, &[m, k], Elem::BF16, "xd")?;
+            cuda_bench(&mut g, cuda, format!("{name} r{r} fused fwd+bwd, dropout 0.05 (trainer path)"), || {
+                lora::down(cuda, &mut u, Some(&mut xd), &x32, drop, &a, DownFactor::RowsAreRank, 1.0)?;
+                lora::forward(cuda, LowRank::Given, &mut y, &mut u, &x, &w, &a, &b, None, s)?;
+                lora::down(cuda, &mut du, Some(&mut dy16), &dy32, None, &b, DownFactor::ColsAreRank, s)?;
+                lora::backward_dx(cuda, LowRank::Given, &mut dx, &mut du, &dy16, &w, &a, &b, drop, s, false)?;
+                lora::weight_grads(cuda, &mut ga, &mut gb, &du, &xd, &dy16, &u, s)
+            });
+        }
+    }
+    g.finish();
+    Ok(())
 }

@@ -7,6 +7,7 @@
 //!
 //! Status: compiled, unverified on GPU (checked by `ilrec selftest --full` against the CPU).
 use super::model::{CudaModel, DLinear, GemmIn};
+use super::ops::lora::{self as lora_ops, DownFactor, Dropout, LowRank};
 use super::ops::loss::{Ids, IlrecInputs, LossPlan};
 use super::ops::{attention, elementwise as ew, embedding, kv, matmul, probe, Gemm};
 use super::{Cuda, DeviceTensor, Elem};
@@ -25,14 +26,35 @@ struct DPair {
     ga: DeviceTensor,
     gb: DeviceTensor,
     rank: usize,
+    /// bf16 copies of `a` and `b` for the fused kernels, made at the pair's first fused use (the
+    /// parameters do not change within a micro-batch).
+    a16: Option<DeviceTensor>,
+    b16: Option<DeviceTensor>,
+}
+
+impl DPair {
+    fn bf16_copies(&mut self, cu: &Cuda) -> Result<()> {
+        if self.a16.is_none() {
+            let mut a16 = DeviceTensor::empty(cu, self.a.shape(), Elem::BF16, "LoRA A (bf16)")?;
+            ew::cast(cu, &mut a16, &self.a)?;
+            let mut b16 = DeviceTensor::empty(cu, self.b.shape(), Elem::BF16, "LoRA B (bf16)")?;
+            ew::cast(cu, &mut b16, &self.b)?;
+            (self.a16, self.b16) = (Some(a16), Some(b16));
+        }
+        Ok(())
+    }
 }
 
 /// What a linear's LoRA branch keeps for the backward.
 struct LinTape {
-    /// `drop(x) A^T`, `[n, r]`.
+    /// `drop(x) A^T`, `[n, r]` (bf16 on the fused path).
     u: DeviceTensor,
-    /// Dropout multipliers on the branch input, `[n, in]`.
+    /// Dropout on the branch input, `[n, in]`: f32 multipliers, or u8 keep flags on the fused path.
     drop: Option<DeviceTensor>,
+    /// Fused path (kernels/lora.cu) or the separate GEMMs.
+    fused: bool,
+    /// Fused path with dropout: `bf16(drop(x))`, the input of `dA`.
+    xd: Option<DeviceTensor>,
 }
 
 struct BlockTape {
@@ -71,6 +93,9 @@ impl Ctx<'_> {
     /// `y = x W^T + b + s (drop(x) A^T) B^T` (lin_fwd in backprop.rs).
     fn lin_fwd(&mut self, block: usize, t: Target, base: &DLinear, x_in: &GemmIn<'_>, n: usize, rng: &mut Rng) -> Result<(DeviceTensor, Option<LinTape>)> {
         let cu = self.cu;
+        if self.fused_fits(block, t) {
+            return self.lin_fwd_fused(block, t, base, x_in, n, rng);
+        }
         let mut y = f32t(cu, &[n, base.out_dim], "linear output")?;
         self.dm.linear(&mut y, x_in, base)?;
         let x = x_in.f32;
@@ -88,13 +113,86 @@ impl Ctx<'_> {
         let mut u = f32t(cu, &[n, p.rank], "LoRA u = drop(x) A^T")?;
         matmul(cu, &mut u, xd.as_ref().unwrap_or(x), &p.a, Gemm::NT)?;
         matmul(cu, &mut y, &u, &p.b, Gemm::NT.scaled(self.scale).accumulate())?;
-        Ok((y, Some(LinTape { u, drop })))
+        Ok((y, Some(LinTape { u, drop, fused: false, xd: None })))
+    }
+
+    /// Whether this linear's adapter takes the fused kernels (kernels/lora.cu): bf16 weights (so
+    /// bf16 GEMM inputs) and a rank they cover. f32 weights keep the separate f32 GEMMs.
+    fn fused_fits(&self, block: usize, t: Target) -> bool {
+        self.dm.weights() == Elem::BF16 && self.pairs[block][t.index()].as_ref().is_some_and(|p| p.rank <= lora_ops::MAX_RANK)
+    }
+
+    /// `lin_fwd` through the fused kernel: the base GEMM with the low-rank term in its epilogue.
+    /// With dropout the down pass reads the f32 input once, applies the mask and writes
+    /// `bf16(drop(x))` (kept for `dA`) and `u`; without, `u` comes from the GEMM's main loop or from
+    /// that pass, whichever `forward_low_rank` predicts cheaper.
+    fn lin_fwd_fused(&mut self, block: usize, t: Target, base: &DLinear, x_in: &GemmIn<'_>, n: usize, rng: &mut Rng) -> Result<(DeviceTensor, Option<LinTape>)> {
+        let (cu, scale, dropout) = (self.cu, self.scale, self.dropout);
+        let p = self.pairs[block][t.index()].as_mut().ok_or_else(|| Error::Input(format!("no LoRA pair at block {block} {t:?}")))?;
+        p.bf16_copies(cu)?;
+        let (Some(a16), Some(b16)) = (p.a16.as_ref(), p.b16.as_ref()) else { return Err(missing_copies()) };
+        let x = x_in.get();
+        let in_dim = x.numel() / n;
+        // The CPU's draws, element by element in the same order; a u8 flag per element.
+        let keep = 1.0 / (1.0 - dropout);
+        let mask = if dropout > 0.0 {
+            let m: Vec<u8> = (0..n * in_dim).map(|_| u8::from(rng.next_f32() >= dropout)).collect();
+            Some(DeviceTensor::from_u8(cu, &[n, in_dim], &m, "LoRA dropout keep flags")?)
+        } else {
+            None
+        };
+        let drop = mask.as_ref().map(|m| Dropout { mask: m, keep });
+        let mut y = f32t(cu, &[n, base.out_dim], "linear output")?;
+        let mut u = DeviceTensor::empty(cu, &[n, p.rank], Elem::BF16, "LoRA u = drop(x) A^T")?;
+        let low = lora_ops::forward_low_rank(p.rank, base.out_dim, drop.is_some());
+        let mut xd = None;
+        if low == LowRank::Given {
+            if drop.is_some() {
+                let mut x_dropped = DeviceTensor::empty(cu, &[n, in_dim], Elem::BF16, "LoRA dropped input")?;
+                lora_ops::down(cu, &mut u, Some(&mut x_dropped), x_in.f32, drop, a16, DownFactor::RowsAreRank, 1.0)?;
+                xd = Some(x_dropped);
+            } else {
+                lora_ops::down(cu, &mut u, None, x, None, a16, DownFactor::RowsAreRank, 1.0)?;
+            }
+        }
+        lora_ops::forward(cu, low, &mut y, &mut u, x, &base.w, a16, b16, base.b.as_ref(), scale)?;
+        Ok((y, Some(LinTape { u, drop: mask, fused: true, xd })))
+    }
+
+    /// `lin_bwd` through the fused kernels: one pass over the f32 `dy` makes its bf16 copy and
+    /// `du = s dy B`; the input gradient takes `du A` (masked) in its epilogue; `dA`, `dB` are the
+    /// skinny products of `weight_grads`.
+    #[allow(clippy::too_many_arguments)]
+    fn lin_bwd_fused(&mut self, block: usize, t: Target, base: &DLinear, x: &DeviceTensor, tp: &LinTape, dy: &DeviceTensor, n: usize, dx: &mut DeviceTensor) -> Result<()> {
+        let (cu, dm, scale) = (self.cu, self.dm, self.scale);
+        let keep = 1.0 / (1.0 - self.dropout);
+        let p = self.pairs[block][t.index()].as_mut().ok_or_else(|| Error::Input(format!("no LoRA pair at block {block} {t:?}")))?;
+        p.bf16_copies(cu)?;
+        let DPair { a16: Some(a16), b16: Some(b16), ga, gb, rank, .. } = p else { return Err(missing_copies()) };
+        let out_dim = dy.numel() / n;
+        let mut dy16 = DeviceTensor::empty(cu, &[n, out_dim], Elem::BF16, "bf16 GEMM input")?;
+        let mut du = DeviceTensor::empty(cu, &[n, *rank], Elem::BF16, "LoRA du")?;
+        lora_ops::down(cu, &mut du, Some(&mut dy16), dy, None, b16, DownFactor::ColsAreRank, scale)?;
+        let drop = tp.drop.as_ref().map(|m| Dropout { mask: m, keep });
+        lora_ops::backward_dx(cu, LowRank::Given, dx, &mut du, &dy16, &base.w, a16, b16, drop, scale, true)?;
+        let recast;
+        let xd = match &tp.xd {
+            Some(xd) => xd,
+            None => {
+                recast = dm.gemm_input(x, n)?.ok_or_else(|| Error::Input("fused LoRA backward needs bf16 weights".into()))?;
+                &recast
+            }
+        };
+        lora_ops::weight_grads(cu, ga, gb, &du, xd, &dy16, &tp.u, scale)
     }
 
     /// Backward of `lin_fwd`: adds `dL/dx` into `dx` and the LoRA gradients into the pair.
     #[allow(clippy::too_many_arguments)]
     fn lin_bwd(&mut self, block: usize, t: Target, base: &DLinear, x: &DeviceTensor, tape: &Option<LinTape>, dy: &DeviceTensor, n: usize, dx: &mut DeviceTensor) -> Result<()> {
         let cu = self.cu;
+        if let Some(tp) = tape.as_ref().filter(|tp| tp.fused) {
+            return self.lin_bwd_fused(block, t, base, x, tp, dy, n, dx);
+        }
         let dy_in = self.dm.gemm_input(dy, n)?;
         matmul(cu, dx, dy_in.as_ref().unwrap_or(dy), &base.w, Gemm::NN.accumulate())?;
         let (Some(p), Some(tp)) = (self.pairs[block][t.index()].as_mut(), tape) else { return Ok(()) };
@@ -114,6 +212,10 @@ impl Ctx<'_> {
             }
         }
     }
+}
+
+fn missing_copies() -> Error {
+    Error::Device("LoRA pair without its bf16 copies after bf16_copies".into())
 }
 
 /// `x * mask` as a new tensor, or `None` (use `x`) without dropout.
@@ -207,6 +309,8 @@ pub fn forward_backward(
                     ga: zeros(cu, &[r, p.in_dim], &what)?,
                     gb: zeros(cu, &[p.out_dim, r], &what)?,
                     rank: r,
+                    a16: None,
+                    b16: None,
                 });
             }
         }

@@ -8,6 +8,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod kv;
 pub mod loss;
+pub mod lora;
 pub mod optim;
 pub mod probe;
 pub mod softmax;

@@ -12,6 +12,7 @@ mod elementwise;
 mod embedding;
 mod gemm;
 mod loss;
+pub mod lora;
 mod model;
 mod optim;
 mod probe;
@@ -73,6 +74,21 @@ pub fn rel_err(out: &[f32], reference: &[f32]) -> f64 {
     }
 }
 
+/// `n` values ~ N(0, scale^2) with 1 in 64 multiplied by 30 (outliers): the checks' inputs, also
+/// for the emulator tests that reuse a check's reference.
+pub fn random_outliers(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let v = rng.normal() * scale;
+            if rng.below(64) == 0 {
+                v * 30.0
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
 /// Shared state of the checks: the device, the random source, the rows so far.
 pub struct Checker<'a> {
     pub cuda: &'a Cuda,
@@ -83,16 +99,7 @@ pub struct Checker<'a> {
 impl Checker<'_> {
     /// `n` values ~ N(0, scale^2) with 1 in 64 multiplied by 30 (outliers).
     pub fn random(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                let v = self.rng.normal() * scale;
-                if self.rng.below(64) == 0 {
-                    v * 30.0
-                } else {
-                    v
-                }
-            })
-            .collect()
+        random_outliers(&mut self.rng, n, scale)
     }
 
     /// `n` values uniform in [lo, hi).
@@ -132,6 +139,7 @@ pub fn run(cuda: &Cuda, seed: u64, full: bool) -> Result<Vec<CheckRow>> {
     beam::check(&mut c)?;
     probe::check(&mut c)?;
     loss::check(&mut c)?;
+    lora::check(&mut c)?;
     if full {
         model::check(&mut c)?;
         beam::decode(&mut c)?;
