@@ -144,7 +144,9 @@ fn attention_case<T: Storage>(k: &Emu, case: &AttnCase, rng: &mut Rng) {
         }
     }
     let (kk, vv) = (T::held(&kk), T::held(&vv));
-    let (qs, ks, vs) = (T::store(&q), T::store(&kk), T::store(&vv));
+    // Guarded memory: a kernel reading past any operand crashes with a report.
+    let (qs, ks, vs) = (k.buffer(&T::store(&q)), k.buffer(&T::store(&kk)), k.buffer(&T::store(&vv)));
+    let mask_u8 = k.buffer(&mask_u8);
 
     // The launcher's shape: 128 threads, 256 above head_dim 128.
     let threads: u32 = if d <= 128 { 128 } else { 256 };
@@ -152,8 +154,8 @@ fn attention_case<T: Storage>(k: &Emu, case: &AttnCase, rng: &mut Rng) {
     let (tq32, past32, cap32, h32, kvh32, d32) = (tq as u32, past as u32, cap as u32, n_heads as u32, n_kv_heads as u32, d as u32);
 
     let fwd: AttnFwd<T> = k.kernel(&format!("attention_fwd_{}", T::SUFFIX));
-    let mut out = T::store(&vec![f32::NAN; q.len()]);
-    let mut lse = vec![f32::NAN; batch * n_heads * tq];
+    let mut out = k.buffer(&T::store(&vec![f32::NAN; q.len()]));
+    let mut lse = k.buffer(&vec![f32::NAN; batch * n_heads * tq]);
     let (po, pl, pq, pk, pv, pm) = (out.as_mut_ptr(), lse.as_mut_ptr(), qs.as_ptr(), ks.as_ptr(), vs.as_ptr(), mask_u8.as_ptr());
     unsafe {
         k.launch([tq32, h32, batch as u32], dim(threads), (d + threads as usize) * 4, || {
@@ -174,9 +176,9 @@ fn attention_case<T: Storage>(k: &Emu, case: &AttnCase, rng: &mut Rng) {
         return;
     }
     // Backward from the emulated forward's out and lse, as in training.
-    let dout = random(rng, q.len(), 1.0);
-    let (mut dq, mut dk, mut dv) = (vec![f32::NAN; q.len()], vec![f32::NAN; kk.len()], vec![f32::NAN; vv.len()]);
-    let mut delta = vec![f32::NAN; lse.len()];
+    let dout = k.buffer(&random(rng, q.len(), 1.0));
+    let (mut dq, mut dk, mut dv) = (k.buffer(&vec![f32::NAN; q.len()]), k.buffer(&vec![f32::NAN; kk.len()]), k.buffer(&vec![f32::NAN; vv.len()]));
+    let mut delta = k.buffer(&vec![f32::NAN; lse.len()]);
     let dq_k: AttnBwdDq<T> = k.kernel(&format!("attention_bwd_dq_{}", T::SUFFIX));
     let dkdv_k: AttnBwdDkdv<T> = k.kernel(&format!("attention_bwd_dkdv_{}", T::SUFFIX));
     // The launcher passes `out` for f32 storage only (delta = dout . out), null for bf16.
@@ -472,8 +474,9 @@ fn mma_gemm_matches_f64() {
         let mut a = round_bf16_vec(&random(&mut rng, m * kk, 1.0));
         a[5] = 60.0; // outlier
         let b = round_bf16_vec(&random(&mut rng, kk * n, 1.0));
-        let (ab, bb) = (to_bf16(&a), to_bf16(&b));
-        let mut c = vec![f32::NAN; m * n];
+        // Guarded: the zero-filled ragged edges must not read past A or B.
+        let (ab, bb) = (k.buffer(&to_bf16(&a)), k.buffer(&to_bf16(&b)));
+        let mut c = k.buffer(&vec![f32::NAN; m * n]);
         let (pc, pa, pb) = (c.as_mut_ptr(), ab.as_ptr(), bb.as_ptr());
         let grid = [n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1];
         let smem = 2 * (64 * 32 + 32 * 64) * 2;
@@ -594,24 +597,40 @@ fn warp_collectives_match_cuda_semantics() {
     }
 }
 
-/// A kernel that overflows its fiber's stack dies with a report naming the block and thread (run
-/// in a child process: the crash ends it).
+/// A kernel that overflows its fiber's stack, or reads past the end of a guarded buffer, dies
+/// with a report naming the block and thread (run in a child process: the crash ends it).
 #[test]
-fn emulator_reports_stack_overflow() {
+fn emulator_reports_crashes() {
     let Some(k) = faults() else { return };
-    if std::env::var_os("ILREC_EMU_OVERFLOW_CHILD").is_some() {
-        let f: unsafe extern "C" fn(*mut i32, i32) = k.kernel("overflow_stack");
-        let mut out = vec![0i32; 4];
-        let po = out.as_mut_ptr();
-        let r = unsafe { k.launch([1, 1, 1], dim(4), 0, || f(po, 1000)) };
-        panic!("the overflowing launch returned: {r:?}");
+    match std::env::var("ILREC_EMU_CRASH_CHILD").as_deref() {
+        Ok("stack") => {
+            let f: unsafe extern "C" fn(*mut i32, i32) = k.kernel("overflow_stack");
+            let mut out = vec![0i32; 4];
+            let po = out.as_mut_ptr();
+            let r = unsafe { k.launch([1, 1, 1], dim(4), 0, || f(po, 1000)) };
+            panic!("the overflowing launch returned: {r:?}");
+        }
+        Ok(_) => {
+            let f: unsafe extern "C" fn(*mut f32, *const f32, u32) = k.kernel("read_at");
+            let inp = k.buffer(&vec![1.0f32; 1000]);
+            let mut out = k.buffer(&[0.0f32; 32]);
+            let (po, pi) = (out.as_mut_ptr(), inp.as_ptr());
+            // In bounds: fine; 32 floats from 990: threads 10.. read past the end.
+            unsafe { k.launch([1, 1, 1], dim(32), 0, || f(po, pi, 968)) }.unwrap();
+            assert!(out.iter().all(|&v| v == 1.0));
+            let r = unsafe { k.launch([1, 1, 1], dim(32), 0, || f(po, pi, 990)) };
+            panic!("the over-reading launch returned: {r:?}");
+        }
+        Err(_) => {}
     }
-    let child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["emulator_reports_stack_overflow", "--exact", "--nocapture", "--test-threads=1"])
-        .env("ILREC_EMU_OVERFLOW_CHILD", "1")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&child.stderr);
-    assert!(!child.status.success(), "the child survived a stack overflow: {err}");
-    assert!(err.contains("ilrec emu: SIGSEGV") && err.contains("thread (0,0,0)") && err.contains("its stack overflowed"), "no report: {err}");
+    for (case, want) in [("stack", "its stack overflowed"), ("overread", "past the end of a guarded buffer")] {
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["emulator_reports_crashes", "--exact", "--nocapture", "--test-threads=1"])
+            .env("ILREC_EMU_CRASH_CHILD", case)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&child.stderr);
+        assert!(!child.status.success(), "{case}: the child survived: {err}");
+        assert!(err.contains("ilrec emu: SIGSEGV") && err.contains("block (0,0,0), thread (") && err.contains(want), "{case}: no report: {err}");
+    }
 }

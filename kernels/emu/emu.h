@@ -2,7 +2,7 @@
 // CPU, so that kernel logic (indexing, barriers, masking, warp collectives, mma fragment layouts)
 // is checked without a GPU. Force-included by the compile line (see kernels/emu/README.md):
 //
-//   g++ -std=c++20 -O1 -shared -fPIC -pthread -ffp-contract=off -DILREC_EMU \
+//   g++ -std=c++20 -O1 -g -shared -fPIC -fvisibility=hidden -pthread -ffp-contract=off -DILREC_EMU \
 //       -include kernels/emu/emu.h -x c++ kernels/X.cu -I kernels -o libX.so
 //
 // Execution model. One block runs at a time; its threads are fibers (user-mode contexts) on the
@@ -48,7 +48,7 @@
 // ---------------------------------------------------------------------------------------------
 // CUDA keywords
 
-#define __global__
+#define __global__ __attribute__((visibility("default")))  // the build hides everything else
 #define __device__
 #define __host__
 #define __forceinline__ inline

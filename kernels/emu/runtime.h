@@ -449,6 +449,16 @@ static bool in_guard_page(const void *addr) {
     return (size_t)(a - L->stacks) % L->stack_stride < L->stack_stride - L->stack_bytes;
 }
 
+// Whether `addr` is in a guard page of an emu_guarded_alloc buffer (recorded in guard_pages).
+static std::mutex guard_mutex;
+static std::vector<std::pair<uintptr_t, uintptr_t>> guard_pages;
+static bool in_guard_buffer(const void *addr) {
+    const uintptr_t a = (uintptr_t)addr;
+    for (const auto &g : guard_pages)  // read without the lock: a crash is already under way
+        if (a >= g.first && a < g.second) return true;
+    return false;
+}
+
 static void on_fault(int sig, siginfo_t *info, void *uctx) {
     if (L && cur && pthread_equal(launch_owner, pthread_self())) {
         char msg[400];
@@ -458,7 +468,9 @@ static void on_fault(int sig, siginfo_t *info, void *uctx) {
                                cur->idx.x, cur->idx.y, cur->idx.z,
                                in_guard_page(info->si_addr)
                                    ? " (its stack overflowed: raise ILREC_EMU_STACK_KB)"
-                                   : " (an out-of-bounds pointer?)");
+                                   : in_guard_buffer(info->si_addr)
+                                         ? " (past the end of a guarded buffer)"
+                                         : " (an out-of-bounds pointer?)");
         if (k > 0) (void)!write(2, msg, (size_t)std::min(k, (int)sizeof msg - 1));
     }
     struct sigaction &prev = sig == SIGSEGV ? previous_segv : previous_bus;
@@ -635,4 +647,44 @@ extern "C" __attribute__((visibility("default"))) uint64_t emu_static_smem_bytes
     std::lock_guard<std::mutex> lk(ilrec_emu::launch_mutex);
     if (!ilrec_emu::shared_scanned) ilrec_emu::scan_shared_regions();
     return ilrec_emu::shared_static_bytes;
+}
+
+// Guarded buffers for tests: `bytes` of memory (16-byte aligned) that end where an inaccessible
+// page begins, with one more below, so a kernel reading or writing past the end (by more than the
+// alignment padding, which holds 0xFF bytes) crashes with the fault report above instead of
+// silently touching other host data.
+static size_t guarded_span(uint64_t bytes, size_t page, size_t *padded) {
+    *padded = ((size_t)bytes + 15) / 16 * 16;
+    return ((*padded + page - 1) / page + 2) * page;
+}
+extern "C" __attribute__((visibility("default"))) void *emu_guarded_alloc(uint64_t bytes) {
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t padded;
+    const size_t span = guarded_span(bytes, page, &padded);
+    void *m = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) return nullptr;
+    unsigned char *base = static_cast<unsigned char *>(m);
+    mprotect(base, page, PROT_NONE);
+    mprotect(base + span - page, page, PROT_NONE);
+    unsigned char *p = base + span - page - padded;
+    memset(p + bytes, 0xff, padded - (size_t)bytes);
+    std::lock_guard<std::mutex> lk(ilrec_emu::guard_mutex);
+    ilrec_emu::guard_pages.push_back({(uintptr_t)base, (uintptr_t)(base + page)});
+    ilrec_emu::guard_pages.push_back({(uintptr_t)(base + span - page), (uintptr_t)(base + span)});
+    return p;
+}
+extern "C" __attribute__((visibility("default"))) void emu_guarded_free(void *p, uint64_t bytes) {
+    if (!p) return;
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t padded;
+    const size_t span = guarded_span(bytes, page, &padded);
+    unsigned char *base = static_cast<unsigned char *>(p) + padded + page - span;
+    {
+        std::lock_guard<std::mutex> lk(ilrec_emu::guard_mutex);
+        auto &g = ilrec_emu::guard_pages;
+        g.erase(std::remove_if(g.begin(), g.end(),
+                               [&](const auto &r) { return r.first >= (uintptr_t)base && r.first < (uintptr_t)(base + span); }),
+                g.end());
+    }
+    munmap(base, span);
 }

@@ -10,12 +10,14 @@
 //! ```
 use std::collections::HashMap;
 use std::ffi::{c_char, c_void, CStr};
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// g++ flags of every emulator build (the README's command line).
-const FLAGS: &[&str] = &["-std=c++20", "-O1", "-g", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-DILREC_EMU"];
+const FLAGS: &[&str] =
+    &["-std=c++20", "-O1", "-g", "-shared", "-fPIC", "-fvisibility=hidden", "-pthread", "-ffp-contract=off", "-DILREC_EMU"];
 
 type LaunchFn = unsafe extern "C" fn(
     grid: *const u32,
@@ -56,6 +58,44 @@ pub struct Emu {
     launch_fn: LaunchFn,
     name: String,
     schedule: Schedule,
+}
+
+type GuardedAlloc = unsafe extern "C" fn(bytes: u64) -> *mut c_void;
+type GuardedFree = unsafe extern "C" fn(p: *mut c_void, bytes: u64);
+
+/// A kernel operand in guarded memory (`Emu::buffer`): its last element is followed by (at most
+/// 15 bytes of 0xFF padding and then) an inaccessible page, so a kernel that reads or writes
+/// past the end crashes with the emulator's report naming the block and thread, instead of
+/// silently using other host data. Derefs to a slice; `as_ptr`/`as_mut_ptr` are the device
+/// pointers.
+pub struct Buf<T: Copy> {
+    ptr: *mut T,
+    len: usize,
+    free: GuardedFree,
+    _lib: Arc<libloading::Library>,
+}
+
+impl<T: Copy> Deref for Buf<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: ptr holds len initialised T (written in Emu::buffer), 16-byte aligned, and
+        // lives until drop.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl<T: Copy> DerefMut for Buf<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: as in deref; &mut self makes the access unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl<T: Copy> Drop for Buf<T> {
+    fn drop(&mut self) {
+        // SAFETY: ptr came from emu_guarded_alloc of exactly this many bytes.
+        unsafe { (self.free)(self.ptr as *mut c_void, std::mem::size_of_val::<[T]>(self) as u64) }
+    }
 }
 
 type Built = Result<Arc<libloading::Library>, String>;
@@ -175,6 +215,25 @@ impl Emu {
         // SAFETY: emu_launch is defined by kernels/emu/runtime.h with exactly this signature.
         let launch_fn = unsafe { *lib.get::<LaunchFn>("emu_launch").unwrap_or_else(|e| panic!("{name}: no emu_launch: {e}")) };
         Some(Emu { lib, launch_fn, name, schedule: Schedule::Ascending })
+    }
+
+    /// `data` copied into guarded memory (see [`Buf`]), the way a test passes kernel operands
+    /// that must not be over-read. Element types with alignment above 16 are not supported.
+    pub fn buffer<T: Copy>(&self, data: &[T]) -> Buf<T> {
+        assert!(std::mem::align_of::<T>() <= 16, "Emu::buffer: alignment above 16");
+        let bytes = std::mem::size_of_val(data) as u64;
+        // SAFETY: both functions are defined by kernels/emu/runtime.h with these signatures.
+        let (alloc, free) = unsafe {
+            let alloc = *self.lib.get::<GuardedAlloc>("emu_guarded_alloc").expect("emu_guarded_alloc");
+            let free = *self.lib.get::<GuardedFree>("emu_guarded_free").expect("emu_guarded_free");
+            (alloc, free)
+        };
+        // SAFETY: a fresh mapping of `bytes` writable bytes, 16-byte aligned.
+        let ptr = unsafe { alloc(bytes) } as *mut T;
+        assert!(!ptr.is_null(), "Emu::buffer: cannot map {bytes} bytes");
+        // SAFETY: ptr has room for data.len() elements and does not overlap data.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, data.len()) };
+        Buf { ptr, len: data.len(), free, _lib: self.lib.clone() }
     }
 
     /// The same library with another thread order for its launches.

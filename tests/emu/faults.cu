@@ -88,3 +88,6 @@ __device__ __noinline__ int deep(volatile int *p, int n) {
     return n == 0 ? *p : deep(p, n - 1) + pad[0];
 }
 extern "C" __global__ void overflow_stack(int *out, int n) { out[threadIdx.x] = deep(out, n); }
+
+// Reads n floats starting at `offset` (past the end of a guarded buffer when offset + n > its length).
+extern "C" __global__ void read_at(float *out, const float *in, uint32_t offset) { out[threadIdx.x] = in[offset + threadIdx.x]; }
