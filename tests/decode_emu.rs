@@ -38,6 +38,7 @@ fn uneven_trie(rng: &mut Rng, n: usize, vocab: usize) -> FlatTrie {
 /// state with its parents and tokens, and the non-finite row cell.
 fn emu_step(k: &Emu, trie: &FlatTrie, st: &FlatBeamState, logits: &[f32], rpu: usize) -> (FlatBeamState, Vec<u32>, Vec<u32>, u32) {
     let (users, beam, top_k) = (st.users, st.beam, st.top_k);
+    // At least the launcher's bound (the root's fan-out, or beam x the widest node below it).
     let max_cand = beam * trie.max_fanout.max(1);
     let mut s = st.clone();
     let mut done: Vec<u32> = st.done.iter().map(|&d| d as u32).collect();
