@@ -134,7 +134,7 @@ fn search_case(k: &Emu, rng: &mut Rng, trie: &FlatTrie, (users, beam, top_k): (u
 fn beam_step_matches_the_host_step() {
     let Some(k) = Emu::build("beam") else { return };
     let mut rng = Rng::new(3);
-    for (items, vocab, users, beam, top_k) in [(5usize, 40usize, 2usize, 1usize, 1usize), (60, 90, 3, 5, 3), (150, 200, 2, 20, 10), (400, 300, 2, 64, 64)] {
+    for (items, vocab, users, beam, top_k) in [(5usize, 40usize, 2usize, 1usize, 1usize), (60, 90, 3, 5, 3), (150, 200, 2, 20, 10), (400, 300, 2, 64, 64), (700, 300, 2, 512, 100)] {
         let trie = uneven_trie(&mut rng, items, vocab);
         search_case(&k, &mut rng, &trie, (users, beam, top_k), false, &format!("{items} items, beam {beam}"));
     }
