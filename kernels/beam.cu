@@ -218,7 +218,8 @@ __device__ __forceinline__ bool fin_better(double sa, uint32_t ia, double sb, ui
 // Layout: logits [users * rows_per_user, vocab] f32; lse, score [users * beam] f64; node, parent,
 // token [users * beam] u32; done, fin_count [users] u32; fin_score [users * top_k] f64, fin_item
 // [users * top_k] u32; cand_key [users * max_cand] u64 and cand_child [users * max_cand] u32
-// scratch (max_cand >= beam * max fan-out). Launch: one block of SELECT_THREADS per user.
+// scratch (max_cand >= the root's fan-out and beam * the largest fan-out below the root; a user's
+// candidates beyond max_cand would be dropped, never written out of bounds). Launch: one block of SELECT_THREADS per user.
 extern "C" __global__ void __launch_bounds__(SELECT_THREADS)
     beam_select(uint32_t *__restrict__ node, double *__restrict__ score, uint32_t *__restrict__ done,
                 double *__restrict__ fin_score, uint32_t *__restrict__ fin_item, uint32_t *__restrict__ fin_count,

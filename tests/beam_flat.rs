@@ -116,7 +116,7 @@ impl HashModel {
             for v in 0..self.vocab as u64 {
                 let r = mix(h ^ v.wrapping_mul(0x9e3779b97f4a7c15));
                 let x = ((r >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 6.0;
-                out.push(if r % 50 == 0 { x + 8.0 } else { x });
+                out.push(if r.is_multiple_of(50) { x + 8.0 } else { x });
             }
         }
         out

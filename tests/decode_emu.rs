@@ -38,6 +38,7 @@ fn uneven_trie(rng: &mut Rng, n: usize, vocab: usize) -> FlatTrie {
 /// state with its parents and tokens, and the non-finite row cell.
 fn emu_step(k: &Emu, trie: &FlatTrie, st: &FlatBeamState, logits: &[f32], rpu: usize) -> (FlatBeamState, Vec<u32>, Vec<u32>, u32) {
     let (users, beam, top_k) = (st.users, st.beam, st.top_k);
+    // At least the launcher's bound (the root's fan-out, or beam x the widest node below it).
     let max_cand = beam * trie.max_fanout.max(1);
     let mut s = st.clone();
     let mut done: Vec<u32> = st.done.iter().map(|&d| d as u32).collect();
@@ -111,7 +112,7 @@ fn assert_same_step(h: &FlatBeamState, hp: &[u32], ht: &[u32], d: &FlatBeamState
 
 /// A whole search: host and emulator side by side, the emulator restarted from the host's state
 /// each step, on fresh logits every step (`uniform`: all zeros, so only the tie rules decide).
-fn search_case(k: &Emu, rng: &mut Rng, trie: &FlatTrie, users: usize, beam: usize, top_k: usize, uniform: bool, ctx: &str) {
+fn search_case(k: &Emu, rng: &mut Rng, trie: &FlatTrie, (users, beam, top_k): (usize, usize, usize), uniform: bool, ctx: &str) {
     let opts = BeamOptions { beam, top_k, max_rows: usize::MAX };
     let mut st = FlatBeamState::new(users, &opts).unwrap();
     let (mut hp, mut ht) = (vec![0u32; users * beam], vec![0u32; users * beam]);
@@ -133,14 +134,14 @@ fn search_case(k: &Emu, rng: &mut Rng, trie: &FlatTrie, users: usize, beam: usiz
 fn beam_step_matches_the_host_step() {
     let Some(k) = Emu::build("beam") else { return };
     let mut rng = Rng::new(3);
-    for (items, vocab, users, beam, top_k) in [(5usize, 40usize, 2usize, 1usize, 1usize), (60, 90, 3, 5, 3), (150, 200, 2, 20, 10), (400, 300, 2, 64, 64)] {
+    for (items, vocab, users, beam, top_k) in [(5usize, 40usize, 2usize, 1usize, 1usize), (60, 90, 3, 5, 3), (150, 200, 2, 20, 10), (400, 300, 2, 64, 64), (700, 300, 2, 512, 100)] {
         let trie = uneven_trie(&mut rng, items, vocab);
-        search_case(&k, &mut rng, &trie, users, beam, top_k, false, &format!("{items} items, beam {beam}"));
+        search_case(&k, &mut rng, &trie, (users, beam, top_k), false, &format!("{items} items, beam {beam}"));
     }
     // Another thread order: a missing barrier shows up as a different result.
     let shuffled = k.with_schedule(Schedule::Shuffled(11));
     let trie = uneven_trie(&mut rng, 120, 150);
-    search_case(&shuffled, &mut rng, &trie, 3, 12, 6, false, "shuffled schedule");
+    search_case(&shuffled, &mut rng, &trie, (3, 12, 6), false, "shuffled schedule");
 }
 
 #[test]
@@ -149,7 +150,7 @@ fn beam_step_ties_and_non_finite_rows() {
     let mut rng = Rng::new(4);
     // All-tie logits: f32 and f64 scores tie alike, so the order must be exactly the host's.
     let trie = uneven_trie(&mut rng, 80, 60);
-    search_case(&k, &mut rng, &trie, 2, 9, 9, true, "uniform logits");
+    search_case(&k, &mut rng, &trie, (2, 9, 9), true, "uniform logits");
     // A NaN in user 1's row is flagged with its row.
     let opts = BeamOptions { beam: 4, top_k: 2, max_rows: 64 };
     let st = FlatBeamState::new(2, &opts).unwrap();

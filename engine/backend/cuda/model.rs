@@ -100,7 +100,7 @@ impl CudaKvCache {
     /// each group started as one prompt row, and is checked.
     pub fn reorder_groups(&mut self, parent: &DeviceTensor, groups: usize, per_group: usize) -> Result<()> {
         use super::ops::beam::{kv_reorder, ReorderLayout};
-        if groups == 0 || self.batch % groups != 0 {
+        if groups == 0 || !self.batch.is_multiple_of(groups) {
             return Err(Error::Input(format!("KV reorder: {} cached rows do not form {groups} groups", self.batch)));
         }
         let src_per = self.batch / groups;

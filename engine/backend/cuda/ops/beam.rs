@@ -36,6 +36,16 @@ pub struct DeviceTrie {
     pub max_fanout: usize,
     pub max_len: usize,
     pub nodes: usize,
+    /// Candidates one user can have in a step: the root's fan-out (the root is only ever live
+    /// alone, in slot 0) or `beam` times the largest fan-out below it, per beam width.
+    root_fanout: usize,
+    inner_fanout: usize,
+}
+
+impl DeviceTrie {
+    fn max_candidates(&self, beam: usize) -> usize {
+        self.root_fanout.max(beam * self.inner_fanout).max(1)
+    }
 }
 
 impl DeviceTrie {
@@ -50,7 +60,11 @@ impl DeviceTrie {
             )));
         }
         let edges = trie.child_token.len();
+        let fan = |n: usize| (trie.child_start[n + 1] - trie.child_start[n]) as usize;
+        let inner_fanout = (1..nodes).map(fan).max().unwrap_or(0);
         Ok(DeviceTrie {
+            root_fanout: fan(0),
+            inner_fanout,
             child_start: DeviceTensor::from_u32(cuda, &[nodes + 1], &trie.child_start, "trie child offsets")?,
             child_token: DeviceTensor::from_u32(cuda, &[edges], &trie.child_token, "trie child tokens")?,
             child_node: DeviceTensor::from_u32(cuda, &[edges], &trie.child_node, "trie child nodes")?,
@@ -106,7 +120,10 @@ impl DeviceBeamState {
         if let Some(c) = st.fin_count.iter().find(|&&c| c as usize > top_k) {
             return Err(Error::Input(format!("device beam state: {c} finished items exceed top_k {top_k}")));
         }
-        let max_cand = beam * trie.max_fanout.max(1);
+        if let Some(s) = st.node.iter().position(|&n| n == 0).filter(|s| s % beam != 0) {
+            return Err(Error::Input(format!("device beam state: the root is live in slot {} of user {} (only slot 0 may hold it)", s % beam, s / beam)));
+        }
+        let max_cand = trie.max_candidates(beam);
         let all: [(&str, &DeviceTensor); 0] = [];
         u32_of("beam_select", "max_cand", max_cand, &all)?;
         let done: Vec<u32> = st.done.iter().map(|&d| d as u32).collect();
@@ -179,7 +196,7 @@ pub fn beam_step(cuda: &Cuda, trie: &DeviceTrie, st: &mut DeviceBeamState, logit
     if rows > i32::MAX as usize {
         return Err(bad(kernel, &all, format!("{rows} logits rows exceed the grid limit")));
     }
-    if st.max_cand < st.beam * trie.max_fanout.max(1) {
+    if st.max_cand < trie.max_candidates(st.beam) {
         return Err(bad(kernel, &all, "the state was uploaded for a trie with a smaller fan-out"));
     }
     let vocab = u32_of(kernel, "vocab", trie.vocab, &all)?;
@@ -218,8 +235,9 @@ pub fn beam_step(cuda: &Cuda, trie: &DeviceTrie, st: &mut DeviceBeamState, logit
         return Err(bad(kernel, &all, format!("{} users exceed the grid limit", st.users)));
     }
     // SAFETY: the state's arrays hold users * beam slots, users * top_k finished entries and
-    // users * max_cand candidates (max_cand >= beam * the trie's largest fan-out, so no user's
-    // candidates overflow); its nodes were checked against this trie on upload and the kernel
+    // users * max_cand candidates (the kernel clamps a user's candidates to max_cand, which
+    // covers every user's candidates: the root only in slot 0, other nodes' fan-outs at most
+    // inner_fanout); its nodes were checked against this trie on upload and the kernel
     // only writes trie children; trie tokens are < vocab (FlatTrie::validate), so every logits
     // index is inside the rows_per_user rows of the user.
     unsafe { cuda.launch(STEM, kernel, cfg, &args, &shape) }

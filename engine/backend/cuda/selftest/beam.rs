@@ -183,8 +183,8 @@ fn reorder(c: &mut Checker) -> Result<()> {
     let got = dst.to_f32_vec()?;
     let ms = c.time(5, || kv_reorder(cuda, &mut dst, &src, &parent, layout))?;
     let mut want = vec![0.0f32; groups * dst_per * row];
-    for r in 0..groups * dst_per {
-        let sr = (r / dst_per) * src_per + (parent_host[r] as usize).min(src_per - 1);
+    for (r, &par) in parent_host.iter().enumerate() {
+        let sr = (r / dst_per) * src_per + (par as usize).min(src_per - 1);
         for h in 0..heads {
             for p in 0..len {
                 let (o, i) = (((r * heads + h) * cap + p) * d, ((sr * heads + h) * cap + p) * d);
