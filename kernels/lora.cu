@@ -383,18 +383,19 @@ __device__ __forceinline__ void lora_down(bf16 *__restrict__ t, bf16 *__restrict
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
     }
-    for (uint32_t k0 = 0; k0 < K; k0 += BK) {
-        if constexpr (NN) {
-            load_tile<BK, R, DTHREADS>(rs, rw, r, k0, K, 0, r, vec);
-        } else {
-            load_tile<R, BK, DTHREADS>(rs, rw, K, 0, r, k0, K, vec);
-        }
-        cp_async_commit();
-        for (int i = threadIdx.x; i < DM * BK / 8; i += DTHREADS) {
-            const int row = i / (BK / 8), col = (i % (BK / 8)) * 8;
-            const uint32_t gr = m0 + row, gc = k0 + col;
-            float v[8];
+    // Each thread owns two 8-element chunks of the [64, 32] input tile. The next k-tile's chunks
+    // are loaded into registers before this tile's MMAs, so a block keeps its loads in flight
+    // while it computes (the pass is memory-bound: bytes in flight set its bandwidth).
+    constexpr int CHUNKS = DM * BK / 8 / DTHREADS;
+    static_assert(CHUNKS * DTHREADS * 8 == DM * BK, "whole chunks per thread");
+    float cur[CHUNKS][8];
+    auto fetch = [&](uint32_t k0) {
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c) {
+            const int i = threadIdx.x + c * DTHREADS;
+            const uint32_t gr = m0 + i / (BK / 8), gc = k0 + (i % (BK / 8)) * 8;
             const uint64_t g0 = (uint64_t)gr * K + gc;
+            float *v = cur[c];
             if (vec && gr < M && gc + 8 <= K) {
                 load8(v, x + g0);
                 if (mask != nullptr) {
@@ -414,6 +415,23 @@ __device__ __forceinline__ void lora_down(bf16 *__restrict__ t, bf16 *__restrict
                     v[e] = xv;
                 }
             }
+        }
+    };
+    if (K > 0) fetch(0);
+    for (uint32_t k0 = 0; k0 < K; k0 += BK) {
+        if constexpr (NN) {
+            load_tile<BK, R, DTHREADS>(rs, rw, r, k0, K, 0, r, vec);
+        } else {
+            load_tile<R, BK, DTHREADS>(rs, rw, K, 0, r, k0, K, vec);
+        }
+        cp_async_commit();
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c) {
+            const int i = threadIdx.x + c * DTHREADS;
+            const int row = i / (BK / 8), col = (i % (BK / 8)) * 8;
+            const uint32_t gr = m0 + row, gc = k0 + col;
+            const uint64_t g0 = (uint64_t)gr * K + gc;
+            const float *v = cur[c];
             const uint4 packed = make_uint4(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]), pack_bf16x2(v[4], v[5]),
                                             pack_bf16x2(v[6], v[7]));
             *reinterpret_cast<uint4 *>(xs + swz<BK>(row, col)) = packed;
@@ -430,6 +448,7 @@ __device__ __forceinline__ void lora_down(bf16 *__restrict__ t, bf16 *__restrict
         }
         cp_async_wait<0>();
         __syncthreads();
+        if (k0 + BK < K) fetch(k0 + BK);
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
             uint32_t a[4];
