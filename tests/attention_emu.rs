@@ -53,7 +53,7 @@ fn check(what: &str, got: &[f32], want: &[f32], tol: f64) {
 
 /// Shared-memory row of a bf16 tile (flash_attn.cuh `Tile<D>::ROW_BYTES`).
 fn row_bytes(d: usize) -> usize {
-    if d % 64 == 0 {
+    if d.is_multiple_of(64) {
         2 * d
     } else {
         2 * d + 16

@@ -345,14 +345,16 @@ fn flash_sizes(kernel: &str, s: AttentionShape, all: &[(&str, &DeviceTensor)]) -
     Ok(z)
 }
 
-/// How many key splits a forward launch uses: 1 when the (query tile, KV head, sequence) blocks
-/// already fill the GPU, otherwise enough to reach [`FLASH_TARGET_BLOCKS`] (decoding: a few query
-/// rows against a long cache), at most one per key tile and [`FLASH_MAX_SPLITS`].
+/// How many key splits a forward launch uses. Only decoding shapes split (a GQA group's new
+/// query rows fit one 64-row tile): then enough splits to reach [`FLASH_TARGET_BLOCKS`] blocks, at
+/// most one per key tile and [`FLASH_MAX_SPLITS`]. Longer query blocks do not: under the causal
+/// mask their early tiles have few keys to split, and the combine pass would cost more traffic.
 pub fn flash_default_splits(s: AttentionShape) -> usize {
     let group = s.n_heads / s.n_kv_heads.max(1);
-    let blocks = (group * s.tq).div_ceil(FLASH_TILE) * s.n_kv_heads * s.batch;
+    let m_tiles = (group * s.tq).div_ceil(FLASH_TILE);
+    let blocks = m_tiles * s.n_kv_heads * s.batch;
     let kv_tiles = (s.past + s.tq).div_ceil(FLASH_TILE);
-    if blocks == 0 || blocks >= FLASH_TARGET_BLOCKS {
+    if m_tiles != 1 || blocks == 0 || blocks >= FLASH_TARGET_BLOCKS {
         return 1;
     }
     FLASH_TARGET_BLOCKS.div_ceil(blocks).min(kv_tiles).clamp(1, FLASH_MAX_SPLITS)
