@@ -366,7 +366,7 @@ criterion_group! {
     // Short defaults so `cargo bench --bench kernels` takes minutes on 2 cores; command-line
     // flags (--warm-up-time, --measurement-time) override them.
     config = Criterion::default().sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(2));
-    targets = kernels, flash_attention, beam_decode, lora_linear
+    targets = kernels, flash_attention, beam_decode, lora_linear, loss_probe
 }
 criterion_main!(benches);
 
@@ -583,6 +583,108 @@ fn lora_linear_benches(c: &mut Criterion, cuda: &Cuda) -> ilrec::Result<()> {
             });
         }
     }
+    g.finish();
+    Ok(())
+}
+
+// ---------------------------------------------------------------- fused loss and probes (issue 7)
+
+/// Response rows, candidates and probed layers of the loss / probe benches (SmolLM2 sizes above).
+const LOSS_ROWS: usize = 1024;
+const CANDIDATES: usize = 1024;
+const PROBED: usize = 4;
+
+/// The fused loss (kernels/loss.cu: SFT and ILRec, forward + backward) against the unfused device
+/// path (logits GEMM, row cross-entropy, d hidden GEMM), and the fused probe of 4 layers against
+/// the naive per-layer full-vocabulary projection; FLOP/s as elem/s (loss: the 6 m V h it performs,
+/// probe: 2 k m S h). CPU: the reference loss on fewer rows.
+fn loss_probe(c: &mut Criterion) {
+    let mut rng = Rng::new(9);
+    {
+        let m = 32;
+        let mut g = c.benchmark_group("cpu_loss_FLOP");
+        g.sampling_mode(SamplingMode::Flat);
+        let x = random(&mut rng, m * HIDDEN, 1.0);
+        let w = random(&mut rng, VOCAB * HIDDEN, 0.05);
+        let y = tokens(&mut rng, m);
+        g.throughput(Throughput::Elements((4 * m * VOCAB * HIDDEN) as u64));
+        g.bench_function(format!("sft loss fwd+bwd (logits, sft_loss, d hidden) m{m} V{VOCAB} h{HIDDEN}"), |b| {
+            b.iter(|| {
+                let mut z = vec![0.0f32; m * VOCAB];
+                cpu::matmul_nt(&mut z, VOCAB, &x, HIDDEN, &w, HIDDEN, m, VOCAB, HIDDEN, false);
+                let (_, d) = sft_loss(&z, VOCAB, &y, m as f64).expect("sft_loss");
+                let mut dx = vec![0.0f32; m * HIDDEN];
+                cpu::matmul_nn(&mut dx, HIDDEN, &d, VOCAB, &w, HIDDEN, m, HIDDEN, VOCAB, false);
+                dx
+            })
+        });
+        g.finish();
+    }
+    match open_cuda() {
+        Ok(cuda) => {
+            if let Err(e) = cuda_loss_probe(c, &cuda, &mut rng) {
+                println!("cuda loss/probe benches stopped: {e}");
+            }
+        }
+        Err(why) => println!("cuda loss/probe benches skipped: {why}"),
+    }
+}
+
+fn cuda_loss_probe(c: &mut Criterion, cuda: &Cuda, rng: &mut Rng) -> ilrec::Result<()> {
+    use ilrec::backend::cuda::ops::loss::{Ids, IlrecInputs, LossPlan};
+    use ilrec::backend::cuda::ops::probe::probe_project;
+    use ilrec::train::loss::IlrecParams;
+    let (m, h, v, s, k) = (LOSS_ROWS, HIDDEN, VOCAB, CANDIDATES, PROBED);
+    let mut g = c.benchmark_group("cuda_loss_FLOP");
+    let normed = DeviceTensor::from_f32_as_bf16(cuda, &[m, h], &random(rng, m * h, 1.0), "normed")?;
+    let head = DeviceTensor::from_f32_as_bf16(cuda, &[v, h], &random(rng, v * h, 0.05), "head")?;
+    let cands: Vec<u32> = (0..s).map(|i| (v - s + i) as u32).collect();
+    let targets: Vec<u32> = (0..m).map(|i| cands[(i * 37) % s]).collect();
+    let item: Vec<bool> = (0..m).map(|i| i % 5 != 4).collect();
+    let probe = DeviceTensor::from_f32(cuda, &[k, m, s], &random(rng, k * m * s, 2.0), "probe logits")?;
+    let rewards = DeviceTensor::from_f32(cuda, &[m, s], &random(rng, m * s, 1.0), "rewards")?;
+    g.throughput(Throughput::Elements((6 * m * v * h) as u64));
+    let sft = LossPlan::new(cuda, v, &targets, None, &cands)?;
+    cuda_bench(&mut g, cuda, format!("fused loss SFT m{m} V{v} h{h}"), || sft.run(cuda, &normed, &head, None, m as f64).map(|_| ()));
+    let il = LossPlan::new(cuda, v, &targets, Some((&item, &cands)), &cands)?;
+    let inputs = IlrecInputs { params: IlrecParams::default(), probe: &probe, rewards: Some(&rewards) };
+    cuda_bench(&mut g, cuda, format!("fused loss ILRec m{m} V{v} h{h} S{s} k{k}"), || il.run(cuda, &normed, &head, Some(&inputs), m as f64).map(|_| ()));
+    // Unfused: [m, V] f32 logits, the row cross-entropy kernel, the d hidden GEMM (4 m V h).
+    g.throughput(Throughput::Elements((4 * m * v * h) as u64));
+    let t = softmax::Targets::new(cuda, &targets, v)?;
+    let mut logits = DeviceTensor::empty(cuda, &[m, v], Elem::F32, "logits")?;
+    let mut dlogits = DeviceTensor::empty(cuda, &[m, v], Elem::F32, "dlogits")?;
+    let mut dl_b = DeviceTensor::empty(cuda, &[m, v], Elem::BF16, "dlogits bf16")?;
+    let mut loss = DeviceTensor::empty(cuda, &[m], Elem::F64, "loss")?;
+    let mut dx = DeviceTensor::empty(cuda, &[m, h], Elem::F32, "dx")?;
+    cuda_bench(&mut g, cuda, format!("unfused SFT loss (logits + softmax_ce + GEMM) m{m} V{v} h{h}"), || {
+        ops::matmul(cuda, &mut logits, &normed, &head, Gemm::NT)?;
+        softmax::softmax_ce(cuda, &mut loss, Some(&mut dlogits), &logits, &t, 1.0 / m as f64)?;
+        elementwise::cast(cuda, &mut dl_b, &dlogits)?;
+        ops::matmul(cuda, &mut dx, &dl_b, &head, Gemm::NN).map(|_| ())
+    });
+    drop((logits, dlogits, dl_b));
+    // Probes: the 4 probed blocks' [n, h] outputs at the m response rows.
+    let layers: Vec<DeviceTensor> = (0..k).map(|_| DeviceTensor::from_f32(cuda, &[m, h], &random(rng, m * h, 1.0), "block output")).collect::<ilrec::Result<_>>()?;
+    let refs: Vec<&DeviceTensor> = layers.iter().collect();
+    let gamma = DeviceTensor::from_f32(cuda, &[h], &vec![1.0; h], "final norm")?;
+    let pos = Ids::new(cuda, &(0..m as u32).collect::<Vec<_>>(), m, false, "rows")?;
+    let cand = Ids::new(cuda, &cands, v, false, "candidates")?;
+    let mut z = DeviceTensor::empty(cuda, &[k, m, s], Elem::F32, "probe logits")?;
+    g.throughput(Throughput::Elements((2 * k * m * s * h) as u64));
+    cuda_bench(&mut g, cuda, format!("fused probe {k} layers m{m} S{s} h{h}"), || probe_project(cuda, &mut z, &refs, &pos, &gamma, &head, &cand, EPS));
+    let mut zf = DeviceTensor::empty(cuda, &[m, v], Elem::F32, "full logits")?;
+    let mut nb = DeviceTensor::empty(cuda, &[m, h], Elem::BF16, "normed bf16")?;
+    let mut nf = DeviceTensor::empty(cuda, &[m, h], Elem::F32, "normed")?;
+    g.throughput(Throughput::Elements((2 * k * m * v * h) as u64));
+    cuda_bench(&mut g, cuda, format!("naive probe {k} layers, full vocab, m{m} V{v} h{h}"), || {
+        for x in &refs {
+            elementwise::rms_norm(cuda, &mut nf, x, &gamma, None, EPS)?;
+            elementwise::cast(cuda, &mut nb, &nf)?;
+            ops::matmul(cuda, &mut zf, &nb, &head, Gemm::NT)?;
+        }
+        Ok(())
+    });
     g.finish();
     Ok(())
 }

@@ -395,6 +395,7 @@ type NormBwdFn = unsafe extern "C" fn(
     f32,
 );
 
+#[allow(clippy::too_many_arguments)]
 fn probe_case(emu: &Emu, nl: usize, n: usize, m: usize, h: usize, v: usize, s: usize, seed: u64) {
     let mut rng = Rng::new(seed);
     let eps = 1e-5f32;

@@ -4,7 +4,11 @@
 //! full vocabulary and over a token subset (the item-code tokens in semantic-ID mode), and
 //! reports the bytes each one moves, next to the cost of the model's own forward.
 use anyhow::{bail, Result};
-use ilrec::backend::cuda::{model::CudaModel, Elem};
+use ilrec::backend::cuda::{model::CudaModel, ops::probe::probe_cost, Cuda, Elem};
+use ilrec::rng::Rng;
+use ilrec::train::backprop::{Objective, TrainBatch};
+use ilrec::train::lora::{Lora, LoraConfig};
+use ilrec::train::loss::IlrecParams;
 use ilrec::device::{Device, DeviceRequest};
 use ilrec::{Batch, ForwardOptions, LogitsMode, Model, ProbeSpec};
 use std::path::PathBuf;
@@ -85,7 +89,9 @@ pub fn run(a: Args) -> Result<()> {
     if gpu.is_some() {
         println!("forward (final logits)         {:>9.1} ms", t_fwd * 1e3);
         println!("forward + {} subset probes      {:>9.1} ms  (+{:.1}%)", layers.len(), t_fwd_probe * 1e3, 100.0 * (t_fwd_probe - t_fwd) / t_fwd);
-        println!("(per-block logit-lens timing runs on the CPU backend only until the fused probe kernel lands)");
+        if let (Some(dm), Device::Cuda(cuda)) = (&gpu, &device) {
+            cuda_costs(&model, dm, cuda, &batch, &layers, &subset, a.iters, t_fwd)?;
+        }
         return Ok(());
     }
     let taps = model.forward(&batch, &ForwardOptions { logits: LogitsMode::None, taps: layers.clone(), probe: None })?;
@@ -119,5 +125,48 @@ pub fn run(a: Args) -> Result<()> {
     println!("forward + {} subset probes      {:>9.1} ms  (+{:.1}%)", layers.len(), t_fwd_probe * 1e3, 100.0 * (t_fwd_probe - t_fwd) / t_fwd);
     println!("sum of {} probes, full vocab    {:>9.1} ms  ({:.1}% of the forward)", layers.len(), sum_full * 1e3, 100.0 * sum_full / t_fwd);
     println!("sum of {} probes, subset        {:>9.2} ms  ({:.2}% of the forward)", layers.len(), sum_sub * 1e3, 100.0 * sum_sub / t_fwd);
+    Ok(())
+}
+
+/// On CUDA: the fused probe of all blocks at once against the naive per-block logit lens, and
+/// what ILRec costs in a training micro-batch (LoRA r 64 on every projection, the fused loss)
+/// against SFT on the same batch.
+#[allow(clippy::too_many_arguments)]
+fn cuda_costs(model: &Model, dm: &CudaModel, cuda: &Cuda, batch: &Batch, layers: &[usize], subset: &[u32], iters: usize, t_fwd: f64) -> Result<()> {
+    let c = &model.config;
+    let n = batch.batch * batch.seq;
+    let taps = dm.forward(batch, &ForwardOptions { logits: LogitsMode::None, taps: layers.to_vec(), probe: None })?;
+    let hidden: Vec<Vec<f32>> = taps.hidden.iter().map(|(_, t)| t.as_f32().map(<[f32]>::to_vec).unwrap_or_default()).collect();
+    let pc = probe_cost(dm, &hidden, n, subset, c.rms_norm_eps, iters)?;
+    let k = layers.len();
+    println!("{k} probes fused (one launch, subset)     {:>9.3} ms  ({:.2}% of the forward)", pc.fused_ms, 100.0 * pc.fused_ms / (t_fwd * 1e3));
+    println!("{k} probes naive, subset (per block)      {:>9.3} ms", pc.naive_subset_ms);
+    println!("{k} probes naive, full vocab (per block)  {:>9.3} ms  ({:.1}x the fused)", pc.naive_full_ms, pc.naive_full_ms / pc.fused_ms);
+
+    // One training micro-batch, SFT against ILRec: the last 5 positions of each sequence are the
+    // response; 4 of them item tokens from the subset.
+    let mut rng = Rng::new(7);
+    let lora = Lora::new(model, LoraConfig::default(), &mut rng)?;
+    let resp = 5.min(batch.seq - 1);
+    let positions: Vec<usize> = (0..batch.batch).flat_map(|b| (batch.seq - 1 - resp..batch.seq - 1).map(move |t| b * batch.seq + t)).collect();
+    let targets: Vec<u32> = (0..positions.len()).map(|i| subset[(i * 37) % subset.len()]).collect();
+    let item_mask: Vec<bool> = (0..positions.len()).map(|i| i % resp != resp - 1).collect();
+    let tb = TrainBatch { batch: batch.clone(), positions, targets, item_mask, rewards: None };
+    let norm = tb.targets.len() as f64;
+    let ilrec = Objective::Ilrec { params: IlrecParams { mu: 0.0, ..Default::default() }, layers: layers.to_vec(), candidates: subset.to_vec() };
+    let mut step = |obj: &Objective| -> Result<f64> {
+        Ok(median_secs(iters, || {
+            let r = ilrec::backend::cuda::train::forward_backward(dm, model, &lora, &tb, obj, subset, norm, true, &mut rng);
+            if let Err(e) = r.and_then(|x| cuda.sync().map(|_| x)) {
+                eprintln!("training micro-batch failed: {e}");
+            }
+        }))
+    };
+    let t_sft = step(&Objective::Sft)?;
+    let t_ilrec = step(&ilrec)?;
+    let toks = n as f64;
+    println!("training micro-batch SFT   {:>9.1} ms  {:>9.0} tok/s", t_sft * 1e3, toks / t_sft);
+    println!("training micro-batch ILRec {:>9.1} ms  {:>9.0} tok/s  (ILRec/SFT step-time ratio {:.3})", t_ilrec * 1e3, toks / t_ilrec, t_ilrec / t_sft);
+    println!("{k} fused probes: {:.2}% of the ILRec micro-batch", 100.0 * pc.fused_ms / (t_ilrec * 1e3));
     Ok(())
 }

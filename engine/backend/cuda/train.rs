@@ -566,7 +566,7 @@ fn host_loss<'t>(dm: &CudaModel, r: &LossIn<'_>, block_out: &dyn Fn(usize) -> &'
         embedding::gather(cu, &mut o, src, &pos_d)?;
         Ok(o)
     };
-    let logits = dm.logits_of(&normed, m, dm.head())?;
+    let logits = dm.logits_of(normed, m, dm.head())?;
     let host_logits = logits.to_f32_vec()?;
     let (stats, d_final) = match r.objective {
         Objective::Sft => sft_loss(&host_logits, v, &tb.targets, r.norm)?,
@@ -603,7 +603,7 @@ fn host_loss<'t>(dm: &CudaModel, r: &LossIn<'_>, block_out: &dyn Fn(usize) -> &'
         let d_final_d = DeviceTensor::from_f32(cu, &[m, v], &d_final, "final logit gradients")?;
         let dn = dm.input_grad_of(&d_final_d, m, dm.head())?;
         let mut dxr = zeros(cu, &[m, h], "final hidden-row gradients")?;
-        ew::rms_norm_backward_dx(cu, &mut dxr, &dn, &xl_rows, dm.final_norm(), None, eps)?;
+        ew::rms_norm_backward_dx(cu, &mut dxr, &dn, xl_rows, dm.final_norm(), None, eps)?;
         embedding::scatter_add_csr(cu, dx, &dxr, so, sl)?;
         let dst = if tied { &mut grads.embed_rows } else { &mut grads.head_rows };
         head_row_grads(cu, dst, &d_final, v, |j| j as u32, slot, normed, h)?;

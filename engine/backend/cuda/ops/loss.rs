@@ -211,10 +211,10 @@ impl LossPlan {
                     return Err(Error::Input(format!("ILRec loss: need alpha > 0 and beta, lambda, mu >= 0; got {p:?}")));
                 }
                 expect_elem(K1, "probe", i.probe, &[Elem::F32], &all)?;
-                let k = i.probe.numel() / (m * s).max(1);
-                if k == 0 || i.probe.numel() != k * m * s {
-                    return Err(bad(K1, &all, format!("probe logits must be [k >= 1, {m}, {s}]")));
-                }
+                let k = match i.probe.shape() {
+                    [k, pm, ps] if *k >= 1 && *pm == m && *ps == s => *k,
+                    _ => return Err(bad(K1, &all, format!("probe logits must be [k >= 1, {m}, {s}]"))),
+                };
                 match i.rewards {
                     Some(r) => {
                         expect_elem(K1, "rewards", r, &[Elem::F32], &all)?;

@@ -160,3 +160,58 @@ pub fn probe_norm_backward(cuda: &Cuda, dx: &mut [DeviceTensor], dn: &DeviceTens
     }
     Ok(())
 }
+
+/// Device times (milliseconds, median of `iters` after a warm-up, each followed by a sync) of
+/// ILRec's probes over `hidden` (the probed blocks' outputs, `[n, h]` each): the fused kernel for
+/// all layers at once onto the `subset` head rows, against the naive logit lens (RMSNorm, then a
+/// bf16 GEMM against the LM head, one layer at a time) over the full vocabulary and the subset.
+pub struct ProbeCost {
+    pub fused_ms: f64,
+    pub naive_full_ms: f64,
+    pub naive_subset_ms: f64,
+}
+
+/// Measures [`ProbeCost`] on `dm` (bf16 weights); `eps` is the model's RMSNorm epsilon.
+pub fn probe_cost(dm: &crate::backend::cuda::model::CudaModel, hidden: &[Vec<f32>], n: usize, subset: &[u32], eps: f32, iters: usize) -> Result<ProbeCost> {
+    use super::{elementwise as ew, embedding};
+    use crate::error::Error;
+    let cu = dm.cuda();
+    if dm.weights() != Elem::BF16 {
+        return Err(Error::Input("probe cost: the fused probe needs bf16 weights".into()));
+    }
+    let h = dm.final_norm().numel();
+    let vocab = dm.head().shape()[0];
+    let layers: Vec<DeviceTensor> = hidden.iter().map(|x| DeviceTensor::from_f32(cu, &[n, h], x, "probed block output")).collect::<Result<_>>()?;
+    let refs: Vec<&DeviceTensor> = layers.iter().collect();
+    let rows: Vec<u32> = (0..n as u32).collect();
+    let pos = Ids::new(cu, &rows, n, false, "probe rows")?;
+    let cand = Ids::new(cu, subset, vocab, false, "probe subset")?;
+    let mut rows_s = DeviceTensor::empty(cu, &[subset.len(), h], Elem::BF16, "subset head rows")?;
+    embedding::gather(cu, &mut rows_s, dm.head(), cand.tensor())?;
+    let mut z = DeviceTensor::empty(cu, &[layers.len(), n, subset.len()], Elem::F32, "probe logits")?;
+    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        f()?;
+        cu.sync()?;
+        let mut t = Vec::with_capacity(iters.max(1));
+        for _ in 0..iters.max(1) {
+            let s = std::time::Instant::now();
+            f()?;
+            cu.sync()?;
+            t.push(s.elapsed().as_secs_f64() * 1e3);
+        }
+        t.sort_by(f64::total_cmp);
+        Ok(t[t.len() / 2])
+    };
+    let fused_ms = time(&mut || probe_project(cu, &mut z, &refs, &pos, dm.final_norm(), dm.head(), &cand, eps))?;
+    let naive = |head_rows: &DeviceTensor| -> Result<()> {
+        for x in &refs {
+            let mut normed = DeviceTensor::empty(cu, &[n, h], Elem::F32, "normed rows")?;
+            ew::rms_norm(cu, &mut normed, x, dm.final_norm(), None, eps)?;
+            drop(dm.logits_of(&normed, n, head_rows)?);
+        }
+        Ok(())
+    };
+    let naive_full_ms = time(&mut || naive(dm.head()))?;
+    let naive_subset_ms = time(&mut || naive(&rows_s))?;
+    Ok(ProbeCost { fused_ms, naive_full_ms, naive_subset_ms })
+}
