@@ -333,10 +333,10 @@ run_benches() { # names...
 }
 [[ "${SKIP_TESTS:-0}" == 1 ]] || run_tests $(grep -x 'test-cuda.*' "$STAGE/TESTS")
 [[ "${SKIP_BENCHES:-0}" == 1 ]] || run_benches $(grep -x 'bench-kernels' "$STAGE/BENCHES")
-# The PyTorch side-by-side scripts (scripts/perf/gpu_<name>.py): each writes <name>.md into the
-# folder its OUT names, a temporary one (the device tool returns at most 8 files), and the tables go
-# into gpu-check.md; they find the staged binaries through ILREC_STAGE (ilrec) and ILREC_BIN (tests,
-# benches).
+# The PyTorch side-by-side scripts (scripts/perf/gpu_<name>.py): each reads this run's
+# $OUT/benches.log or selftest.md for our side and writes $OUT/<name>.md, which moves into a
+# temporary folder (the device tool returns at most 8 files) and from there into gpu-check.md. They
+# find the staged binaries through ILREC_STAGE (ilrec) and ILREC_BIN (tests, benches).
 perf_names=()
 run_perf() {
     local s n
@@ -345,8 +345,9 @@ run_perf() {
         n=$(basename "$s" .py)
         n=${n#gpu_}
         perf_names+=("$n")
+        ILREC_STAGE="$STAGE" ILREC_BIN="$BIN" PYTHONUNBUFFERED=1 run_step "perf-$n" "$OUT/perf.log" python3 "$s"
         mkdir -p "$work/perf"
-        OUT="$work/perf" ILREC_STAGE="$STAGE" ILREC_BIN="$BIN" PYTHONUNBUFFERED=1 run_step "perf-$n" "$OUT/perf.log" python3 "$s"
+        [[ -e "$OUT/$n.md" ]] && mv -f "$OUT/$n.md" "$work/perf/$n.md"
         report
     done
 }
