@@ -307,7 +307,7 @@ impl FlatBeamState {
 
 /// One step of the device-shaped search on the host: exactly the algorithm of the device step
 /// (kernels/beam.cu), with [`search`]'s scoring (f64 full-vocabulary log-softmax), ranking
-/// ([`cand_order`]) and finished/stopping rules. `logits` are `[users * rows_per_user, vocab]`;
+/// (`cand_order`) and finished/stopping rules. `logits` are `[users * rows_per_user, vocab]`;
 /// slot `b` of user `u` reads row `u * rows_per_user + b` (so live slots must lie below
 /// `rows_per_user`: 1 after the prompt, `beam` afterwards). Writes, per new slot, the user-local
 /// slot it extends (`parent`, for the KV-cache reorder) and the token it appends (`token`); dead

@@ -346,7 +346,7 @@ fn flash_sizes(kernel: &str, s: AttentionShape, all: &[(&str, &DeviceTensor)]) -
 }
 
 /// How many key splits a forward launch uses. Only decoding shapes split (a GQA group's new
-/// query rows fit one 64-row tile): then enough splits to reach [`FLASH_TARGET_BLOCKS`] blocks, at
+/// query rows fit one 64-row tile): then enough splits to reach `FLASH_TARGET_BLOCKS` blocks, at
 /// most one per key tile and [`FLASH_MAX_SPLITS`]. Longer query blocks do not: under the causal
 /// mask their early tiles have few keys to split, and the combine pass would cost more traffic.
 pub fn flash_default_splits(s: AttentionShape) -> usize {
