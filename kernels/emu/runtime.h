@@ -11,6 +11,73 @@ dim3 blockDim, gridDim;
 
 namespace ilrec_emu {
 
+// Context switches. glibc's swapcontext makes a signal-mask system call on every switch, which
+// was 85% of a launch's time (each thread switches at least twice per block); on x86-64 a
+// switch is instead the callee-saved registers, the FP control words and the stack pointer.
+#if defined(__x86_64__) && !defined(ILREC_EMU_UCONTEXT)
+struct FiberCtx {
+    void *sp = nullptr;
+};
+extern "C" void ilrec_emu_ctx_switch(void **save_sp, void *load_sp);
+asm(R"(
+    .text
+    .p2align 4
+    .type ilrec_emu_ctx_switch,@function
+ilrec_emu_ctx_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size ilrec_emu_ctx_switch, .-ilrec_emu_ctx_switch
+)");
+static inline void ctx_switch(FiberCtx *save, FiberCtx *load) { ilrec_emu_ctx_switch(&save->sp, load->sp); }
+// A fresh context that starts in `entry` (which must never return) on [stack, stack + bytes).
+static inline void ctx_init(FiberCtx *c, unsigned char *stack, size_t bytes, void (*entry)()) {
+    uintptr_t top = ((uintptr_t)stack + bytes) & ~(uintptr_t)15;
+    void **sp = (void **)top;
+    *--sp = nullptr;           // entry's return address slot: rsp = 8 mod 16 at entry, as after a call
+    *--sp = (void *)entry;     // popped by the switch's `ret`
+    for (int i = 0; i < 6; ++i) *--sp = nullptr;  // rbp, rbx, r12..r15
+    uint32_t mxcsr;
+    uint16_t fpucw;
+    asm volatile("stmxcsr %0" : "=m"(mxcsr));
+    asm volatile("fnstcw %0" : "=m"(fpucw));
+    --sp;
+    memcpy((unsigned char *)sp, &mxcsr, 4);
+    memcpy((unsigned char *)sp + 4, &fpucw, 2);
+    c->sp = sp;
+}
+#else
+struct FiberCtx {
+    ucontext_t uc;
+};
+static inline void ctx_switch(FiberCtx *save, FiberCtx *load) { swapcontext(&save->uc, &load->uc); }
+static inline void ctx_init(FiberCtx *c, unsigned char *stack, size_t bytes, void (*entry)()) {
+    getcontext(&c->uc);
+    c->uc.uc_stack.ss_sp = stack;
+    c->uc.uc_stack.ss_size = bytes;
+    c->uc.uc_link = nullptr;
+    makecontext(&c->uc, entry, 0);
+}
+#endif
+
 // Keeps the shared section present even in a file that declares no __shared__ variable.
 __attribute__((section("ilrec_emu_shared"), used, aligned(16))) static unsigned char shared_anchor_[16];
 
@@ -25,7 +92,7 @@ struct Copy {
 };
 
 struct Fiber {
-    ucontext_t ctx;
+    FiberCtx ctx;
     uint3 idx;
     unsigned linear;
     St st;
@@ -44,7 +111,7 @@ struct Round {
 };
 
 struct Launch {
-    ucontext_t sched;
+    FiberCtx sched;
     std::vector<Fiber> fibers;
     std::vector<unsigned> order;
     unsigned n = 0;
@@ -168,7 +235,7 @@ bool in_shared(const void *p, size_t bytes) {
 
 static void block_self() {
     cur->st = St::Blocked;
-    swapcontext(&cur->ctx, &L->sched);
+    ctx_switch(&cur->ctx, &L->sched);
 }
 
 void fail(const std::string &msg) {
@@ -181,13 +248,13 @@ void fail(const std::string &msg) {
         L->error = where() + ": " + msg;
     }
     cur->st = St::Failed;
-    swapcontext(&cur->ctx, &L->sched);
+    ctx_switch(&cur->ctx, &L->sched);
     __builtin_unreachable();  // the scheduler never resumes a failed thread
 }
 
 void yield_point() {
     if (!cur) return;
-    swapcontext(&cur->ctx, &L->sched);  // stays Ready: the scheduler moves on to the next thread
+    ctx_switch(&cur->ctx, &L->sched);  // stays Ready: the scheduler moves on to the next thread
 }
 
 static bool same_site(const char *f1, int l1, const char *f2, int l2) { return l1 == l2 && strcmp(f1, f2) == 0; }
@@ -310,7 +377,9 @@ static void fiber_entry() {
     cur->pending.clear();
     cur->st = St::Done;
     cur->wait = Wait::None;
-}  // returns to uc_link = the scheduler
+    ctx_switch(&cur->ctx, &L->sched);  // never resumed: the thread is done
+    __builtin_unreachable();
+}
 
 static std::string ranges(const std::vector<unsigned> &ids) {
     std::string s;
@@ -364,11 +433,8 @@ static bool run_block(uint32_t schedule, uint64_t block_linear) {
         f.wait = Wait::None;
         f.pending.clear();
         f.committed = 0;
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = L->stacks + (size_t)i * L->stack_stride + (L->stack_stride - L->stack_bytes);
-        f.ctx.uc_stack.ss_size = L->stack_bytes;
-        f.ctx.uc_link = &L->sched;
-        makecontext(&f.ctx, fiber_entry, 0);
+        ctx_init(&f.ctx, L->stacks + (size_t)i * L->stack_stride + (L->stack_stride - L->stack_bytes), L->stack_bytes,
+                 fiber_entry);
     }
     for (unsigned w = 0; w < 32; ++w) L->rounds[w].clear();
     L->bar_arrived = 0;
@@ -389,7 +455,7 @@ static bool run_block(uint32_t schedule, uint64_t block_linear) {
             Fiber &f = L->fibers[L->order[k]];
             if (f.st != St::Ready) continue;
             cur = &f;
-            swapcontext(&L->sched, &f.ctx);
+            ctx_switch(&L->sched, &f.ctx);
             cur = nullptr;
             ran = true;
             if (L->failed) return false;
