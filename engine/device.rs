@@ -11,6 +11,9 @@ pub enum DeviceRequest {
     Cuda,
     /// CUDA when a driver and GPU are present, else the CPU.
     Auto,
+    /// The CUDA backend on the host emulator of the kernels (`Cuda::emulated`): a development
+    /// tool that runs the GPU code paths on the CPU, slowly.
+    Emu,
 }
 
 /// Where work actually runs.
@@ -28,7 +31,8 @@ impl FromStr for DeviceRequest {
             "cpu" => Ok(DeviceRequest::Cpu),
             "cuda" => Ok(DeviceRequest::Cuda),
             "auto" => Ok(DeviceRequest::Auto),
-            other => Err(Error::Input(format!("unknown device `{other}` (cpu, cuda, auto)"))),
+            "emu" => Ok(DeviceRequest::Emu),
+            other => Err(Error::Input(format!("unknown device `{other}` (cpu, cuda, auto, emu)"))),
         }
     }
 }
@@ -47,6 +51,7 @@ impl DeviceRequest {
         match self {
             DeviceRequest::Cpu => Ok(Device::Cpu),
             DeviceRequest::Cuda => Cuda::new(0).map(Device::Cuda),
+            DeviceRequest::Emu => Cuda::emulated().map(Device::Cuda),
             DeviceRequest::Auto => match Cuda::new(0) {
                 Ok(c) => Ok(Device::Cuda(c)),
                 Err(e) => {

@@ -226,7 +226,7 @@ fn left(n: usize) -> Vec<usize> {
 /// Training shapes: forward then backward from the emulated forward's out and lse.
 #[test]
 fn flash_forward_and_backward_match_the_cpu() {
-    let (Some(fwd), Some(bwd)) = (Emu::build("flash_attn"), Emu::build("flash_attn_bwd")) else { return };
+    let (Some(fwd), Some(bwd)) = (common::emu::build("flash_attn"), common::emu::build("flash_attn_bwd")) else { return };
     let mut rng = Rng::new(61);
     let cases = [
         // GQA 6/2, d 64, 37 tokens: left padding 5 (queries that see nothing), masked keys.
@@ -254,7 +254,7 @@ fn flash_forward_and_backward_match_the_cpu() {
 /// including more splits than key tiles and a beam that sees no key at all.
 #[test]
 fn flash_decoding_with_split_keys_matches_the_cpu() {
-    let Some(fwd) = Emu::build("flash_attn") else { return };
+    let Some(fwd) = common::emu::build("flash_attn") else { return };
     let mut rng = Rng::new(62);
     let x = inputs(&mut rng, shape(3, 1, 150, 160, 6, 2, 64), &[left(0), left(20), left(151)]);
     for splits in [1, 2, 3, 5] {
@@ -271,7 +271,7 @@ fn flash_decoding_with_split_keys_matches_the_cpu() {
 /// A missing barrier shows as a different result under another thread order.
 #[test]
 fn flash_kernels_do_not_depend_on_the_thread_order() {
-    let (Some(fwd), Some(bwd)) = (Emu::build("flash_attn"), Emu::build("flash_attn_bwd")) else { return };
+    let (Some(fwd), Some(bwd)) = (common::emu::build("flash_attn"), common::emu::build("flash_attn_bwd")) else { return };
     let (fwd, bwd) = (fwd.with_schedule(Schedule::Descending), bwd.with_schedule(Schedule::Shuffled(7)));
     let mut rng = Rng::new(63);
     let x = inputs(&mut rng, shape(1, 70, 0, 70, 4, 2, 64), &[vec![1, 65]]);
@@ -284,7 +284,7 @@ fn flash_kernels_do_not_depend_on_the_thread_order() {
 /// The KV-cache cast writes exactly the used rows, rounded as the cast kernel rounds.
 #[test]
 fn flash_kv_cast_rounds_the_used_rows_only() {
-    let Some(fwd) = Emu::build("flash_attn") else { return };
+    let Some(fwd) = common::emu::build("flash_attn") else { return };
     let mut rng = Rng::new(64);
     let (slabs, cap, len, d) = (3usize, 11usize, 7usize, 80usize);
     let src = random(&mut rng, slabs * cap * d, 1.0);

@@ -132,7 +132,7 @@ fn search_case(k: &Emu, rng: &mut Rng, trie: &FlatTrie, (users, beam, top_k): (u
 
 #[test]
 fn beam_step_matches_the_host_step() {
-    let Some(k) = Emu::build("beam") else { return };
+    let Some(k) = common::emu::build("beam") else { return };
     let mut rng = Rng::new(3);
     for (items, vocab, users, beam, top_k) in [(5usize, 40usize, 2usize, 1usize, 1usize), (60, 90, 3, 5, 3), (150, 200, 2, 20, 10), (400, 300, 2, 64, 64), (700, 300, 2, 512, 100)] {
         let trie = uneven_trie(&mut rng, items, vocab);
@@ -146,7 +146,7 @@ fn beam_step_matches_the_host_step() {
 
 #[test]
 fn beam_step_ties_and_non_finite_rows() {
-    let Some(k) = Emu::build("beam") else { return };
+    let Some(k) = common::emu::build("beam") else { return };
     let mut rng = Rng::new(4);
     // All-tie logits: f32 and f64 scores tie alike, so the order must be exactly the host's.
     let trie = uneven_trie(&mut rng, 80, 60);
@@ -162,7 +162,7 @@ fn beam_step_ties_and_non_finite_rows() {
 
 #[test]
 fn kv_reorder_gathers_parent_rows() {
-    let Some(k) = Emu::build("beam") else { return };
+    let Some(k) = common::emu::build("beam") else { return };
     let f: Reorder = k.kernel("kv_reorder_f32");
     let (groups, src_per, dst_per, heads, cap, len, d) = (3usize, 4usize, 6usize, 2usize, 7usize, 5usize, 9usize);
     let row = heads * cap * d;

@@ -205,7 +205,7 @@ fn attention_case<T: Storage>(k: &Emu, case: &AttnCase, rng: &mut Rng) {
 
 #[test]
 fn attention_matches_cpu() {
-    let Some(k) = Emu::build("attention") else { return };
+    let Some(k) = common::emu::build("attention") else { return };
     let mut rng = Rng::new(11);
     for case in attn_cases() {
         attention_case::<f32>(&k, &case, &mut rng);
@@ -269,7 +269,7 @@ fn softmax_ce_case<T: Storage>(k: &Emu, n: usize, vocab: usize, rng: &mut Rng) {
 
 #[test]
 fn softmax_ce_matches_cpu() {
-    let Some(k) = Emu::build("softmax_ce") else { return };
+    let Some(k) = common::emu::build("softmax_ce") else { return };
     let mut rng = Rng::new(5);
     // 1000 > 256 threads (each thread strides over the row); 37 < 256 (most threads idle).
     for (n, vocab) in [(7usize, 1000usize), (5, 37)] {
@@ -345,7 +345,7 @@ fn rms_norm_case<T: Storage>(k: &Emu, rows: usize, h: usize, threads: u32, rng: 
 
 #[test]
 fn rms_norm_matches_cpu() {
-    let Some(k) = Emu::build("elementwise") else { return };
+    let Some(k) = common::emu::build("elementwise") else { return };
     let mut rng = Rng::new(7);
     // h 300 > 256 threads; h 45 < 64 threads (idle threads still reach every barrier); a 1024 block.
     for (rows, h, threads) in [(5usize, 300usize, 256u32), (4, 45, 64), (2, 1100, 1024)] {
@@ -363,7 +363,7 @@ type ScatterScan = unsafe extern "C" fn(*mut f32, *const f32, *const u32, *const
 
 #[test]
 fn embedding_scatter_matches_cpu() {
-    let Some(k) = Emu::build("embedding") else { return };
+    let Some(k) = common::emu::build("embedding") else { return };
     let mut rng = Rng::new(3);
     let (n, vocab, h, n_slots) = (53usize, 40usize, 300usize, 6usize);
     let trainable: Vec<u32> = (0..n_slots as u32).map(|s| 3 + 5 * s).collect();
@@ -410,7 +410,7 @@ fn embedding_scatter_matches_cpu() {
 // independently here, and bf16 GEMMs (ldmatrix + trans + mma + cp.async) against an f64 matmul.
 
 fn mma_emu() -> Option<Emu> {
-    Emu::build_file(&common::repo().join("tests/emu/mma_check.cu"))
+    common::emu::build_file(&common::repo().join("tests/emu/mma_check.cu"))
 }
 
 /// f64 matmul of bf16 values: a [m, kk] b [kk, n], row-major.
@@ -497,7 +497,7 @@ fn round_bf16_vec(v: &[f32]) -> Vec<f32> {
 // collectives give CUDA's results.
 
 fn faults() -> Option<Emu> {
-    Emu::build_file(&common::repo().join("tests/emu/faults.cu"))
+    common::emu::build_file(&common::repo().join("tests/emu/faults.cu"))
 }
 
 #[track_caller]

@@ -144,7 +144,7 @@ fn run(k: &Emu, cs: Case, rng: &mut Rng) {
 
 #[test]
 fn lora_kernels_match_cpu() {
-    let Some(k) = Emu::build("lora") else { return };
+    let Some(k) = common::emu::build("lora") else { return };
     let mut rng = Rng::new(17);
     for cs in CASES {
         run(&k, cs, &mut rng);

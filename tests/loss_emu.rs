@@ -333,7 +333,7 @@ fn loss_case(emu: &Emu, cs: Case, seed: u64) {
 
 #[test]
 fn fused_loss_matches_the_cpu_loss() {
-    let Some(emu) = Emu::build("loss") else { return };
+    let Some(emu) = common::emu::build("loss") else { return };
     let p = IlrecParams::default();
     let base = Case { m: 37, h: 96, vocab: 301, s: 0, k: 0, ntrain: 7, params: p, tiles_per_split: 2, chunk: 128, all_ignored: false };
     loss_case(&emu, Case { ..base }, 1);
@@ -451,7 +451,7 @@ fn probe_case(emu: &Emu, nl: usize, n: usize, m: usize, h: usize, v: usize, s: u
 
 #[test]
 fn probe_kernels_match_the_cpu_probe_path() {
-    let Some(emu) = Emu::build("probe") else { return };
+    let Some(emu) = common::emu::build("probe") else { return };
     probe_case(&emu, 3, 50, 37, 96, 1000, 61, 11);
     probe_case(&emu, 8, 40, 17, 80, 257, 52, 12);
     probe_case(&emu.with_schedule(Schedule::Descending), 1, 9, 5, 64, 100, 70, 13);

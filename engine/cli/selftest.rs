@@ -6,12 +6,17 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// cuda, or auto (the GPU when one opens; otherwise nothing is checked and the reason is printed).
+    /// cuda, auto (the GPU when one opens; otherwise nothing is checked and the reason is
+    /// printed), or emu (the kernels on the host emulator: slow, for development without a GPU).
     #[arg(long, default_value = "auto")]
     device: String,
     /// Add the end-to-end checks (forward and backward of tiny models against the CPU backend).
     #[arg(long)]
     full: bool,
+    /// Only these sections, comma separated (elementwise, embedding, optim, softmax, gemm,
+    /// attention, beam, probe, loss, lora, model, decode).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -31,7 +36,11 @@ pub fn run(a: Args) -> Result<()> {
     };
     let (free, total) = cuda.mem_info()?;
     let t0 = std::time::Instant::now();
-    let rows = selftest::run(&cuda, a.seed, a.full)?;
+    let rows = if a.only.is_empty() {
+        selftest::run(&cuda, a.seed, a.full)?
+    } else {
+        selftest::run_sections(&cuda, a.seed, &a.only.iter().map(String::as_str).collect::<Vec<_>>())?
+    };
     let mem = cuda.memory();
     let failed = rows.iter().filter(|r| !r.pass()).count();
     let header = format!(

@@ -43,17 +43,25 @@
 #include <string>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 // ---------------------------------------------------------------------------------------------
 // CUDA keywords
 
+#ifdef ILREC_EMU_SCAN
+// The builder's preprocessing pass (engine/backend/cuda/emu.rs) finds every kernel, macro-made
+// ones included, by these markers in `g++ -E` output; nothing is compiled in this mode.
+#define __global__ ILREC_EMU_KERNEL
+#define __launch_bounds__(...) ILREC_EMU_BOUNDS(__VA_ARGS__)
+#else
 #define __global__ __attribute__((visibility("default")))  // the build hides everything else
+#define __launch_bounds__(...)
+#endif
 #define __device__
 #define __host__
 #define __forceinline__ inline
 #define __noinline__ __attribute__((noinline))
-#define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define __constant__
 #define __managed__
@@ -478,3 +486,44 @@ unsigned present_lanes();
 }  // namespace ilrec_emu
 
 #include "runtime.h"
+
+// ---------------------------------------------------------------------------------------------
+// Launch by name with an argument array (the driver's `kernelParams` convention), for the
+// emulated CUDA runtime. The builder appends `ILREC_EMU_ENTRY(kernel, max_threads)` for every
+// kernel it found; the entry points export the kernel's parameter kinds (so a launcher passing
+// a 64-bit value for a 32-bit parameter, or too few arguments, is an error, as it would be
+// garbage on a GPU) and its `__launch_bounds__` (0: none).
+namespace ilrec_emu {
+template <class... A, size_t... I>
+void invoke_impl(void (*f)(A...), void *const *args, std::index_sequence<I...>) {
+    f(*static_cast<std::remove_cv_t<A> *>(args[I])...);
+}
+template <class... A>
+void invoke(void (*f)(A...), void *const *args) {
+    invoke_impl(f, args, std::index_sequence_for<A...>{});
+}
+// p: pointer, f: float, d: double, i: 4-byte integer, l: 8-byte integer, ?: anything else.
+template <class T>
+constexpr char param_kind() {
+    if constexpr (std::is_pointer_v<T>) return 'p';
+    else if constexpr (std::is_same_v<T, float>) return 'f';
+    else if constexpr (std::is_same_v<T, double>) return 'd';
+    else if constexpr (std::is_integral_v<T> && sizeof(T) == 4) return 'i';
+    else if constexpr (std::is_integral_v<T> && sizeof(T) == 8) return 'l';
+    else return '?';
+}
+template <class... A>
+const char *signature(void (*)(A...)) {
+    static const char s[] = {param_kind<A>()..., 0};
+    return s;
+}
+}  // namespace ilrec_emu
+
+#define ILREC_EMU_ENTRY(k, bound)                                                                   \
+    extern "C" __attribute__((visibility("default"))) void emu_call__##k(void *const *args) {    \
+        ::ilrec_emu::invoke(k, args);                                                            \
+    }                                                                                            \
+    extern "C" __attribute__((visibility("default"))) const char *emu_sig__##k() {              \
+        return ::ilrec_emu::signature(k);                                                        \
+    }                                                                                            \
+    extern "C" __attribute__((visibility("default"))) unsigned emu_bound__##k() { return (bound); }

@@ -39,7 +39,7 @@ impl Blas {
         super::no_panic("creating the cuBLAS handle", || {
             let handle = cb::create_handle().map_err(|e| Error::Device(format!("cuBLAS init: {e:?}")))?;
             // SAFETY: a fresh handle and the runtime's live stream.
-            unsafe { cb::set_stream(handle, cuda.cu_stream() as _) }
+            unsafe { cb::set_stream(handle, cuda.cu_stream()? as _) }
                 .map_err(|e| Error::Device(format!("cuBLAS set_stream: {e:?}")))?;
             Ok(Some(Blas { handle }))
         })

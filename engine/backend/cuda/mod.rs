@@ -6,10 +6,15 @@
 //! typed `Error`. Out-of-memory errors name the tensor and its size; launch errors name the
 //! kernel and the shape it was launched on.
 //!
+//! `Cuda::emulated()` is the same runtime with the kernels run by the host emulator (emu.rs,
+//! kernels/emu/): device memory is guarded host memory and launches are checked against the
+//! kernels' signatures, so every launcher above this file runs in `cargo test` without a GPU.
+//!
 //! Status: compiled, unverified on GPU until `ilrec selftest --device cuda` has run on one
 //! (docs/gpu-check.md).
 mod alloc;
 pub mod blas;
+pub mod emu;
 pub mod model;
 pub mod ops;
 pub mod train;
@@ -23,7 +28,7 @@ use crate::backend::kernels::KERNELS;
 use crate::error::{Error, Result};
 use alloc::{AllocError, Pool};
 use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, CudaStream};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 
@@ -34,14 +39,62 @@ pub struct Cuda {
 }
 
 struct Inner {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
     name: String,
     capability: (i32, i32),
+    pool: Mutex<Pool>,
+    exec: Exec,
+}
+
+/// What runs the kernels.
+enum Exec {
+    Driver(Driver),
+    Emu(EmuRuntime),
+}
+
+struct Driver {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
-    pool: Mutex<Pool>,
     blas: Mutex<BlasState>,
+}
+
+/// The emulated device: one emulator library per kernel file (built on first launch), and the
+/// live allocations, against which every copy and every pointer argument is checked.
+struct EmuRuntime {
+    libs: Mutex<HashMap<&'static str, emu::Emu>>,
+    live: Mutex<BTreeMap<u64, usize>>,
+    /// Any built library: its guarded allocator serves every tensor.
+    alloc: emu::Emu,
+}
+
+/// Nominal memory of the emulated device (what `mem_info` reports).
+const EMU_TOTAL_BYTES: usize = 80 << 30;
+
+impl EmuRuntime {
+    fn lib(&self, stem: &'static str) -> Result<emu::Emu> {
+        let mut libs = self.libs.lock().expect("emulator cache poisoned");
+        if let Some(l) = libs.get(stem) {
+            return Ok(l.clone());
+        }
+        let l = emu::Emu::compile(stem).map_err(|e| Error::Device(format!("emulator build of kernels/{stem}.cu: {e}")))?;
+        libs.insert(stem, l.clone());
+        Ok(l)
+    }
+
+    /// Whether `[ptr, ptr + bytes)` lies inside one live allocation.
+    fn inside(&self, ptr: u64, bytes: usize) -> bool {
+        let live = self.live.lock().expect("emulator allocations poisoned");
+        live.range(..=ptr).next_back().is_some_and(|(&start, &len)| ptr + bytes as u64 <= start + len as u64)
+    }
+
+    fn check(&self, ptr: u64, bytes: usize, what: &dyn Fn() -> String) -> Result<()> {
+        if bytes == 0 || self.inside(ptr, bytes) {
+            Ok(())
+        } else {
+            Err(Error::Device(format!("{}: {bytes} bytes at {ptr:#x} are not inside one live device allocation", what())))
+        }
+    }
 }
 
 /// cuBLAS is looked for once: a missing or failing library means the fallback GEMM from then on.
@@ -53,12 +106,13 @@ enum BlasState {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        let Exec::Driver(d) = &self.exec else { return };
         // The cuBLAS handle goes first (it holds a reference to our stream), then the cached blocks
         // after the queued work that may use them; errors here have no one left to report to.
-        if let Ok(mut b) = self.blas.lock() {
+        if let Ok(mut b) = d.blas.lock() {
             *b = BlasState::Absent;
         }
-        if self.ctx.bind_to_thread().is_ok() && self.stream.synchronize().is_ok() {
+        if d.ctx.bind_to_thread().is_ok() && d.stream.synchronize().is_ok() {
             if let Ok(mut pool) = self.pool.lock() {
                 let _ = pool.release_cached();
             }
@@ -85,7 +139,7 @@ pub enum Arg {
 }
 
 impl Arg {
-    fn addr(&self) -> *mut c_void {
+    pub(crate) fn addr(&self) -> *mut c_void {
         match self {
             Arg::Ptr(v) | Arg::U64(v) => v as *const u64 as *mut c_void,
             Arg::U32(v) => v as *const u32 as *mut c_void,
@@ -168,14 +222,16 @@ impl Cuda {
             let stream = ctx.default_stream();
             let cuda = Cuda {
                 inner: Arc::new(Inner {
-                    ctx,
-                    stream,
                     name,
                     capability,
-                    modules: Mutex::new(HashMap::new()),
-                    functions: Mutex::new(HashMap::new()),
                     pool: Mutex::new(Pool::default()),
-                    blas: Mutex::new(BlasState::NotTried),
+                    exec: Exec::Driver(Driver {
+                        ctx,
+                        stream,
+                        modules: Mutex::new(HashMap::new()),
+                        functions: Mutex::new(HashMap::new()),
+                        blas: Mutex::new(BlasState::NotTried),
+                    }),
                 }),
             };
             // Load every fatbin now: a module the driver cannot load (a PTX version newer than
@@ -185,6 +241,36 @@ impl Cuda {
             }
             Ok(cuda)
         })
+    }
+
+    /// The CUDA backend on the host emulator (emu.rs): kernels/*.cu built with g++ on first use
+    /// (about 10 s per file, cached), run on the CPU, slowly. Device memory is guarded host memory
+    /// filled with 0xFF bytes (NaN) when allocated, like a GPU's uninitialised memory; a copy or a
+    /// pointer argument outside a live allocation, a kernel argument of the wrong kind or width,
+    /// a block above the kernel's `__launch_bounds__` or more than 48 KiB of dynamic shared
+    /// memory is an error. cuBLAS is absent, so GEMMs take the hand-written fallback kernel.
+    pub fn emulated() -> Result<Cuda> {
+        let alloc = emu::Emu::compile("elementwise").map_err(|e| Error::Device(format!("the kernel emulator is unavailable: {e}")))?;
+        Ok(Cuda {
+            inner: Arc::new(Inner {
+                name: "host emulator (kernels/emu)".into(),
+                capability: (9, 0),
+                pool: Mutex::new(Pool::default()),
+                exec: Exec::Emu(EmuRuntime { libs: Mutex::new(HashMap::new()), live: Mutex::new(BTreeMap::new()), alloc }),
+            }),
+        })
+    }
+
+    /// Whether this runtime is the host emulator.
+    pub fn is_emulated(&self) -> bool {
+        matches!(self.inner.exec, Exec::Emu(_))
+    }
+
+    fn driver_state(&self) -> Result<&Driver> {
+        match &self.inner.exec {
+            Exec::Driver(d) => Ok(d),
+            Exec::Emu(_) => Err(Error::Device("a driver call on the emulated device".into())),
+        }
     }
 
     /// The GPU's name as the driver reports it.
@@ -203,15 +289,20 @@ impl Cuda {
     }
 
     pub(crate) fn bind(&self) -> Result<()> {
-        self.inner.ctx.bind_to_thread().map_err(|e| driver("binding the CUDA context", e))
+        match &self.inner.exec {
+            Exec::Driver(d) => d.ctx.bind_to_thread().map_err(|e| driver("binding the CUDA context", e)),
+            Exec::Emu(_) => Ok(()),
+        }
     }
 
-    pub(crate) fn cu_stream(&self) -> sys::CUstream {
-        self.inner.stream.cu_stream()
+    /// The driver stream (cuBLAS only runs on the driver runtime).
+    pub(crate) fn cu_stream(&self) -> Result<sys::CUstream> {
+        Ok(self.driver_state()?.stream.cu_stream())
     }
 
     fn module(&self, stem: &'static str) -> Result<Arc<CudaModule>> {
-        let mut modules = self.inner.modules.lock().expect("module cache poisoned");
+        let d = self.driver_state()?;
+        let mut modules = d.modules.lock().expect("module cache poisoned");
         if let Some(m) = modules.get(stem) {
             return Ok(m.clone());
         }
@@ -220,8 +311,7 @@ impl Cuda {
                 "kernels/{stem}.cu is not in this build (built without nvcc? see kernels/README.md)"
             ))
         })?;
-        let m = self
-            .inner
+        let m = d
             .ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(bytes.to_vec()))
             .map_err(|e| driver(&format!("loading kernels/{stem}.cu"), e))?;
@@ -230,14 +320,15 @@ impl Cuda {
     }
 
     fn function(&self, stem: &'static str, kernel: &'static str) -> Result<CudaFunction> {
-        if let Some(f) = self.inner.functions.lock().expect("function cache poisoned").get(kernel) {
+        let d = self.driver_state()?;
+        if let Some(f) = d.functions.lock().expect("function cache poisoned").get(kernel) {
             return Ok(f.clone());
         }
         let f = self
             .module(stem)?
             .load_function(kernel)
             .map_err(|e| driver(&format!("kernel `{kernel}` in kernels/{stem}.cu"), e))?;
-        self.inner.functions.lock().expect("function cache poisoned").insert(kernel, f.clone());
+        d.functions.lock().expect("function cache poisoned").insert(kernel, f.clone());
         Ok(f)
     }
 
@@ -250,15 +341,26 @@ impl Cuda {
     /// must address device memory large enough for what the kernel reads and writes with this
     /// launch shape (the launchers in `ops` check shapes before calling this).
     pub unsafe fn launch(&self, stem: &'static str, kernel: &'static str, cfg: Launch, args: &[Arg], shape: &dyn Fn() -> String) -> Result<()> {
+        if let Exec::Emu(e) = &self.inner.exec {
+            let fail = |msg: String| Error::Kernel { kernel: kernel.to_string(), shape: shape(), msg };
+            for (i, a) in args.iter().enumerate() {
+                if let Arg::Ptr(p) = *a {
+                    if p != 0 && !e.inside(p, 0) {
+                        return Err(fail(format!("argument {i} ({p:#x}) is not inside a live device allocation")));
+                    }
+                }
+            }
+            // SAFETY: the caller vouches for the memory; the emulator checks the signature.
+            return unsafe { e.lib(stem)?.launch_args(kernel, &cfg, args) }.map_err(fail);
+        }
         let f = self.function(stem, kernel)?;
         self.bind()?;
         let vals: Vec<Arg> = args.to_vec();
         let mut ptrs: Vec<*mut c_void> = vals.iter().map(Arg::addr).collect();
         // SAFETY: `ptrs` point into `vals`, alive until the call returns (the driver copies the
         // argument values at launch); the caller vouches for the signature and the memory.
-        let r = unsafe {
-            result::launch_kernel(f.cu_function(), cfg.grid, cfg.block, cfg.shared_bytes, self.cu_stream(), &mut ptrs)
-        };
+        let stream = self.cu_stream()?;
+        let r = unsafe { result::launch_kernel(f.cu_function(), cfg.grid, cfg.block, cfg.shared_bytes, stream, &mut ptrs) };
         r.map_err(|e| Error::Kernel {
             kernel: kernel.to_string(),
             shape: shape(),
@@ -268,8 +370,14 @@ impl Cuda {
 
     /// Waits for every queued kernel and copy; a fault in any of them is reported here.
     pub fn sync(&self) -> Result<()> {
-        self.bind()?;
-        self.inner.stream.synchronize().map_err(|e| driver("synchronising the CUDA stream", e))
+        match &self.inner.exec {
+            Exec::Driver(d) => {
+                self.bind()?;
+                d.stream.synchronize().map_err(|e| driver("synchronising the CUDA stream", e))
+            }
+            // Emulated launches and copies complete before they return.
+            Exec::Emu(_) => Ok(()),
+        }
     }
 
     /// Allocator counters.
@@ -287,17 +395,46 @@ impl Cuda {
     /// Returns every cached block to the driver (after waiting for queued work).
     pub fn empty_cache(&self) -> Result<()> {
         self.sync()?;
+        if self.is_emulated() {
+            return Ok(()); // the emulated allocator caches nothing
+        }
         self.inner.pool.lock().expect("allocator poisoned").release_cached().map_err(|e| driver("freeing cached blocks", e))
     }
 
     /// Free and total device memory as the driver sees it.
     pub fn mem_info(&self) -> Result<(usize, usize)> {
+        if self.is_emulated() {
+            return Ok((EMU_TOTAL_BYTES.saturating_sub(self.memory().in_use), EMU_TOTAL_BYTES));
+        }
         self.bind()?;
         result::mem_get_info().map_err(|e| driver("querying device memory", e))
     }
 
     /// Raw allocation of `bytes` for `what` (named in the out-of-memory error).
     pub(crate) fn alloc_raw(&self, bytes: usize, what: &dyn Fn() -> String) -> Result<(u64, usize)> {
+        let d = match &self.inner.exec {
+            Exec::Driver(d) => d,
+            Exec::Emu(e) => {
+                // Exact sizes (an over-read of one byte past a tensor faults), no reuse (a use
+                // after free faults), 0xFF fill (an unwritten element reads as NaN).
+                let len = bytes.max(1);
+                let p = e.alloc.alloc_guarded(len);
+                if p.is_null() {
+                    return Err(Error::Device(format!("the emulator cannot map {bytes} bytes for {}", what())));
+                }
+                // SAFETY: p is a fresh writable mapping of len bytes.
+                unsafe { std::ptr::write_bytes(p, 0xFF, len) };
+                e.live.lock().expect("emulator allocations poisoned").insert(p as u64, len);
+                let mut pool = self.inner.pool.lock().expect("allocator poisoned");
+                let s = &mut pool.stats;
+                s.driver_allocs += 1;
+                s.in_use += len;
+                s.reserved += len;
+                s.peak_in_use = s.peak_in_use.max(s.in_use);
+                s.peak_reserved = s.peak_reserved.max(s.reserved);
+                return Ok((p as u64, len));
+            }
+        };
         self.bind()?;
         let class = size_class(bytes);
         let mut pool = self.inner.pool.lock().expect("allocator poisoned");
@@ -305,7 +442,7 @@ impl Cuda {
         if matches!(got, Err(AllocError::OutOfMemory)) && pool.cached() > 0 {
             // Cached blocks of other classes may be what stands between us and the request: free
             // them once queued work that may still use them is done, then try again.
-            self.inner.stream.synchronize().map_err(|e| driver("synchronising before freeing cached blocks", e))?;
+            d.stream.synchronize().map_err(|e| driver("synchronising before freeing cached blocks", e))?;
             pool.release_cached().map_err(|e| driver("freeing cached blocks", e))?;
             got = pool.alloc(class);
         }
@@ -327,16 +464,101 @@ impl Cuda {
     }
 
     pub(crate) fn free_raw(&self, ptr: u64, class: usize) {
+        if let Exec::Emu(e) = &self.inner.exec {
+            if let Ok(mut live) = e.live.lock() {
+                live.remove(&ptr);
+            }
+            // SAFETY: ptr came from alloc_guarded(class) in alloc_raw and its tensor is gone.
+            unsafe { e.alloc.free_guarded(ptr as *mut u8, class) };
+            if let Ok(mut pool) = self.inner.pool.lock() {
+                pool.stats.in_use -= class;
+                pool.stats.reserved -= class;
+            }
+            return;
+        }
         if let Ok(mut pool) = self.inner.pool.lock() {
             pool.free(ptr, class);
+        }
+    }
+
+    /// Sets `bytes` bytes at `dst` to `byte` (queued on the stream).
+    pub(crate) fn memset(&self, dst: u64, byte: u8, bytes: usize, what: &dyn Fn() -> String) -> Result<()> {
+        match &self.inner.exec {
+            Exec::Driver(d) => {
+                self.bind()?;
+                // SAFETY: the caller's block holds `bytes` bytes at dst; queued on our stream.
+                unsafe { result::memset_d8_async(dst, byte, bytes, d.stream.cu_stream()) }.map_err(|e| driver(&format!("memset of {}", what()), e))
+            }
+            Exec::Emu(e) => {
+                e.check(dst, bytes, what)?;
+                // SAFETY: checked to lie inside one live allocation.
+                unsafe { std::ptr::write_bytes(dst as *mut u8, byte, bytes) };
+                Ok(())
+            }
+        }
+    }
+
+    /// Copies host bytes to `dst` (queued; `src` may be dropped when this returns).
+    pub(crate) fn htod(&self, dst: u64, src: &[u8], what: &dyn Fn() -> String) -> Result<()> {
+        match &self.inner.exec {
+            Exec::Driver(d) => {
+                self.bind()?;
+                // SAFETY: the caller's block holds src.len() bytes at dst; a pageable-source async
+                // copy has staged `src` when it returns.
+                unsafe { result::memcpy_htod_async(dst, src, d.stream.cu_stream()) }.map_err(|e| driver(&format!("copying {} to the device", what()), e))
+            }
+            Exec::Emu(e) => {
+                e.check(dst, src.len(), what)?;
+                // SAFETY: checked; host memory of the emulated device never overlaps `src`'s
+                // borrowed slice (a tensor's bytes are not handed out as a Rust slice).
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
+                Ok(())
+            }
+        }
+    }
+
+    /// Copies `dst.len()` bytes from `src` to the host, waiting for queued work.
+    pub(crate) fn dtoh(&self, dst: &mut [u8], src: u64, what: &dyn Fn() -> String) -> Result<()> {
+        match &self.inner.exec {
+            Exec::Driver(d) => {
+                self.bind()?;
+                // SAFETY: the block holds dst.len() bytes at src; synchronised before dst is read.
+                unsafe { result::memcpy_dtoh_async(dst, src, d.stream.cu_stream()) }.map_err(|e| driver(&format!("copying {} to the host", what()), e))?;
+                self.sync()
+            }
+            Exec::Emu(e) => {
+                e.check(src, dst.len(), what)?;
+                // SAFETY: checked to lie inside one live allocation.
+                unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+                Ok(())
+            }
+        }
+    }
+
+    /// Copies `bytes` bytes from `src` to `dst` on the device (queued).
+    pub(crate) fn dtod(&self, dst: u64, src: u64, bytes: usize, what: &dyn Fn() -> String) -> Result<()> {
+        match &self.inner.exec {
+            Exec::Driver(d) => {
+                self.bind()?;
+                // SAFETY: both blocks hold `bytes` bytes; queued on our stream.
+                unsafe { result::memcpy_dtod_async(dst, src, bytes, d.stream.cu_stream()) }.map_err(|e| driver(&format!("copying {}", what()), e))
+            }
+            Exec::Emu(e) => {
+                e.check(src, bytes, what)?;
+                e.check(dst, bytes, what)?;
+                // SAFETY: both ranges checked; `copy` allows overlap.
+                unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+                Ok(())
+            }
         }
     }
 
     /// The cuBLAS handle, created on first use; `None` when libcublas cannot be loaded (the
     /// hand-written fallback GEMM is used then).
     pub(crate) fn with_blas<T>(&self, f: impl FnOnce(Option<&blas::Blas>) -> Result<T>) -> Result<T> {
+        let Exec::Driver(d) = &self.inner.exec else { return f(None) };
         self.bind()?;
-        let mut guard = self.inner.blas.lock().expect("cuBLAS handle poisoned");
+        let mut guard = d.blas.lock().expect("cuBLAS handle poisoned");
         if matches!(*guard, BlasState::NotTried) {
             *guard = match blas::Blas::new(self) {
                 Ok(Some(b)) => BlasState::Ready(b),

@@ -3,7 +3,6 @@
 use super::Cuda;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
-use cudarc::driver::result;
 use half::bf16;
 
 /// A dense row-major tensor in device memory: f32, bf16, or u32/u8 index data (kept as raw
@@ -79,10 +78,7 @@ impl DeviceTensor {
         if self.nbytes() == 0 {
             return Ok(());
         }
-        self.cuda.bind()?;
-        // SAFETY: the block holds at least nbytes() bytes; the memset is queued on our stream.
-        unsafe { result::memset_d8_async(self.ptr, byte, self.nbytes(), self.cuda.cu_stream()) }
-            .map_err(|e| Error::Device(format!("memset of {self:?}: {e}")))
+        self.cuda.memset(self.ptr, byte, self.nbytes(), &|| format!("{self:?}"))
     }
 
     /// Copies a host tensor to the device in its own element type.
@@ -136,10 +132,7 @@ impl DeviceTensor {
         }
         let t = Self::empty(cuda, shape, elem, what)?;
         if n > 0 {
-            // SAFETY: the block holds n elements of T; a pageable-source async copy returns once
-            // the driver has staged `v`, so `v` may be dropped afterwards.
-            unsafe { result::memcpy_htod_async(t.ptr, v, cuda.cu_stream()) }
-                .map_err(|e| Error::Device(format!("copying {what} {shape:?} to the device: {e}")))?;
+            cuda.htod(t.ptr, bytemuck::cast_slice(v), &|| format!("{what} {shape:?}"))?;
         }
         Ok(t)
     }
@@ -149,12 +142,7 @@ impl DeviceTensor {
         if out.is_empty() {
             return Ok(out);
         }
-        self.cuda.bind()?;
-        // SAFETY: `out` has numel() elements of the tensor's element size; the stream is
-        // synchronised before `out` is read.
-        unsafe { result::memcpy_dtoh_async(&mut out, self.ptr, self.cuda.cu_stream()) }
-            .map_err(|e| Error::Device(format!("copying {self:?} to the host: {e}")))?;
-        self.cuda.sync()?;
+        self.cuda.dtoh(bytemuck::cast_slice_mut(&mut out), self.ptr, &|| format!("{self:?}"))?;
         Ok(out)
     }
 
@@ -216,9 +204,7 @@ impl DeviceTensor {
     pub fn try_clone(&self, what: &str) -> Result<Self> {
         let t = Self::empty(&self.cuda, &self.shape, self.elem, what)?;
         if self.nbytes() > 0 {
-            // SAFETY: both blocks hold nbytes(); the copy is queued on the runtime's stream.
-            unsafe { result::memcpy_dtod_async(t.ptr, self.ptr, self.nbytes(), self.cuda.cu_stream()) }
-                .map_err(|e| Error::Device(format!("copying {self:?} for {what}: {e}")))?;
+            self.cuda.dtod(t.ptr, self.ptr, self.nbytes(), &|| format!("{self:?} for {what}"))?;
         }
         Ok(t)
     }
@@ -235,22 +221,19 @@ impl DeviceTensor {
         if let Some(&r) = rows.iter().find(|&&r| r as usize >= n_rows) {
             return Err(Error::Input(format!("write_rows on {self:?}: row {r} is outside the tensor")));
         }
-        self.cuda.bind()?;
-        let stream = self.cuda.cu_stream();
         for (i, &r) in rows.iter().enumerate() {
             let src = &data[i * cols..(i + 1) * cols];
+            // Row r < n_rows, so the row's bytes lie inside the block.
             let dst = self.ptr + (r as usize * cols * self.elem.size()) as u64;
-            // SAFETY: row r < n_rows, so the row's bytes lie inside the block; a pageable-source
-            // async copy has staged `src`/`b` when it returns.
-            let res = match self.elem {
-                Elem::F32 => unsafe { result::memcpy_htod_async(dst, src, stream) },
+            let what = || format!("row {r} of {self:?}");
+            match self.elem {
+                Elem::F32 => self.cuda.htod(dst, bytemuck::cast_slice(src), &what)?,
                 Elem::BF16 => {
                     let b: Vec<bf16> = src.iter().map(|&x| bf16::from_f32(x)).collect();
-                    unsafe { result::memcpy_htod_async(dst, &b, stream) }
+                    self.cuda.htod(dst, bytemuck::cast_slice(&b), &what)?
                 }
                 other => return Err(Error::Input(format!("write_rows on {self:?}: {other:?} is not a float tensor"))),
-            };
-            res.map_err(|e| Error::Device(format!("writing row {r} of {self:?}: {e}")))?;
+            }
         }
         Ok(())
     }

@@ -27,6 +27,13 @@ use std::time::Instant;
 pub const TOL_F32: f64 = 1e-4;
 /// Tolerance of bf16 paths.
 pub const TOL_BF16: f64 = 1e-2;
+/// Tolerance of the end-to-end training gradients with bf16 weights (`--full`): the GPU rounds
+/// every GEMM input (activations and gradients too) to bf16, the CPU reference only the weights,
+/// and the differences compound over the blocks forward and back. On the host emulator, whose
+/// arithmetic is otherwise the CPU's, the 196 gradient tensors of the three tiny models measure
+/// 4.4e-3 to 1.04e-2 (median 6.5e-3): 1e-2 would fail on rounding alone. A wrong gradient
+/// is off by O(1), and the same rows with f32 weights hold 1e-4.
+pub const TOL_BF16_MODEL: f64 = 2e-2;
 /// Tolerance of operations that are exact by specification (casts): bitwise equality.
 pub const TOL_EXACT: f64 = 0.0;
 
@@ -110,8 +117,10 @@ impl Checker<'_> {
     /// Median wall time over `reps` runs of `launch` (each followed by a sync), in milliseconds.
     /// `launch` must be idempotent or its output re-derived by the caller afterwards.
     pub fn time(&self, reps: usize, mut launch: impl FnMut() -> Result<()>) -> Result<f64> {
+        // On the emulator a time says nothing; one run keeps the checks affordable.
+        let reps = if self.cuda.is_emulated() { 1 } else { reps.max(1) };
         let mut t = Vec::with_capacity(reps);
-        for _ in 0..reps.max(1) {
+        for _ in 0..reps {
             let start = Instant::now();
             launch()?;
             self.cuda.sync()?;
@@ -127,22 +136,45 @@ impl Checker<'_> {
     }
 }
 
+/// One group of checks.
+pub struct Section {
+    pub name: &'static str,
+    /// Part of `--full` only (the end-to-end checks).
+    pub full_only: bool,
+    run: fn(&mut Checker) -> Result<()>,
+}
+
+/// Every section, in the order `run` takes them.
+pub const SECTIONS: &[Section] = &[
+    Section { name: "elementwise", full_only: false, run: elementwise::check },
+    Section { name: "embedding", full_only: false, run: embedding::check },
+    Section { name: "optim", full_only: false, run: optim::check },
+    Section { name: "softmax", full_only: false, run: softmax::check },
+    Section { name: "gemm", full_only: false, run: gemm::check },
+    Section { name: "attention", full_only: false, run: attention::check },
+    Section { name: "beam", full_only: false, run: beam::check },
+    Section { name: "probe", full_only: false, run: probe::check },
+    Section { name: "loss", full_only: false, run: loss::check },
+    Section { name: "lora", full_only: false, run: lora::check },
+    Section { name: "model", full_only: true, run: model::check },
+    Section { name: "decode", full_only: true, run: beam::decode },
+];
+
 /// Runs every kernel check on `cuda`. `full` adds the end-to-end model checks.
 pub fn run(cuda: &Cuda, seed: u64, full: bool) -> Result<Vec<CheckRow>> {
+    let names: Vec<&str> = SECTIONS.iter().filter(|s| full || !s.full_only).map(|s| s.name).collect();
+    run_sections(cuda, seed, &names)
+}
+
+/// Runs the named sections (see [`SECTIONS`]) in their usual order; an unknown name is an error.
+pub fn run_sections(cuda: &Cuda, seed: u64, names: &[&str]) -> Result<Vec<CheckRow>> {
+    if let Some(bad) = names.iter().find(|n| !SECTIONS.iter().any(|s| s.name == **n)) {
+        let known: Vec<&str> = SECTIONS.iter().map(|s| s.name).collect();
+        return Err(crate::Error::Input(format!("selftest: no section `{bad}` (sections: {})", known.join(", "))));
+    }
     let mut c = Checker { cuda, rng: Rng::new(seed), rows: Vec::new() };
-    elementwise::check(&mut c)?;
-    embedding::check(&mut c)?;
-    optim::check(&mut c)?;
-    softmax::check(&mut c)?;
-    gemm::check(&mut c)?;
-    attention::check(&mut c)?;
-    beam::check(&mut c)?;
-    probe::check(&mut c)?;
-    loss::check(&mut c)?;
-    lora::check(&mut c)?;
-    if full {
-        model::check(&mut c)?;
-        beam::decode(&mut c)?;
+    for s in SECTIONS.iter().filter(|s| names.contains(&s.name)) {
+        (s.run)(&mut c)?;
     }
     Ok(c.rows)
 }

@@ -1,0 +1,75 @@
+//! The CUDA backend end to end on the host emulator (`Cuda::emulated`, kernels/emu/README.md):
+//! the same launchers, device model, training micro-batch and device beam search a GPU runs,
+//! with every kernel executed from its source on the CPU and every launch checked against the
+//! kernel's signature, launch bounds and the live allocations. Compared with the CPU backend by
+//! the selftest's own end-to-end sections (engine/backend/cuda/selftest/), so a GPU run of
+//! `ilrec selftest --full` starts from host code that has already run.
+//!
+//! Skips with one line when no C++ compiler is installed.
+mod common;
+
+use ilrec::backend::cuda::{selftest, Cuda};
+
+fn emulated(test: &str) -> Option<Cuda> {
+    if !ilrec::backend::cuda::emu::available() {
+        common::skip(test, "no C++ compiler for the kernel emulator (set ILREC_EMU_CXX)");
+        return None;
+    }
+    Some(Cuda::emulated().expect("opening the emulated CUDA device"))
+}
+
+fn assert_all_pass(rows: &[selftest::CheckRow]) {
+    let failed: Vec<String> = rows.iter().filter(|r| !r.pass()).map(|r| format!("{} [{}]: {:.3e} > {:.0e}", r.kernel, r.shape, r.err, r.tol)).collect();
+    assert!(!rows.is_empty(), "no checks ran");
+    assert!(failed.is_empty(), "{} of {} checks failed:\n{}", failed.len(), rows.len(), failed.join("\n"));
+}
+
+/// Tiny Llama (GQA), Qwen2 (biases, untied head) and a head-dim-64 Llama (the flash-attention
+/// path) on the emulated GPU against the CPU: forward logits, taps, probes, cached decoding, and
+/// one LoRA training micro-batch under SFT and ILRec (loss and every gradient), f32 and bf16.
+#[test]
+fn model_forward_backward_and_decoding_match_the_cpu() {
+    let Some(cuda) = emulated("model_forward_backward_and_decoding_match_the_cpu") else { return };
+    let rows = selftest::run_sections(&cuda, 1, &["model"]).unwrap();
+    assert_all_pass(&rows);
+    // The device's memory is all returned once the models are dropped.
+    assert_eq!(cuda.memory().in_use, 0, "device memory still in use after the checks");
+}
+
+/// The device beam search loop (prefill, masked top-k steps, KV reorders, one download) against
+/// the CPU's flat search: same items in the same order, beams 1, 20 and 64.
+#[test]
+fn device_beam_search_matches_the_cpu() {
+    let Some(cuda) = emulated("device_beam_search_matches_the_cpu") else { return };
+    let rows = selftest::run_sections(&cuda, 2, &["decode"]).unwrap();
+    assert_all_pass(&rows);
+}
+
+/// A launch the GPU would reject or misread is an error on the emulator too: a wrong argument
+/// width, a pointer outside any allocation, a block above the kernel's launch bounds.
+#[test]
+fn launches_are_checked_against_the_kernels_signature() {
+    use ilrec::backend::cuda::{Arg, DeviceTensor, Elem, Launch};
+    let Some(cuda) = emulated("launches_are_checked_against_the_kernels_signature") else { return };
+    let x = DeviceTensor::zeros(&cuda, &[64], Elem::F32, "x").unwrap();
+    let y = DeviceTensor::zeros(&cuda, &[64], Elem::F32, "y").unwrap();
+    let shape = || "[64]".to_string();
+    // add_inplace_f32(float *acc, const float *x, uint64_t n)
+    let run = |args: &[Arg], cfg: Launch| unsafe { cuda.launch("elementwise", "add_inplace_f32", cfg, args, &shape) };
+    let ok = [Arg::Ptr(x.ptr()), Arg::Ptr(y.ptr()), Arg::U64(64)];
+    run(&ok, Launch::elements(64)).expect("a correct launch");
+    let msg = |r: ilrec::error::Result<()>| r.expect_err("must be rejected").to_string();
+    let m = msg(run(&[Arg::Ptr(x.ptr()), Arg::Ptr(y.ptr()), Arg::U32(64)], Launch::elements(64)));
+    assert!(m.contains("parameter 2") && m.contains("8-byte"), "{m}");
+    let m = msg(run(&ok[..2], Launch::elements(64)));
+    assert!(m.contains("takes 3 parameters"), "{m}");
+    let m = msg(run(&[Arg::Ptr(x.ptr() + (1 << 40)), Arg::Ptr(y.ptr()), Arg::U64(64)], Launch::elements(64)));
+    assert!(m.contains("not inside a live device allocation"), "{m}");
+    // rms_norm_backward_dw_partial_f32(float *, const float *, const float *, const float *,
+    // uint32_t rows, uint32_t h, uint32_t rows_per_chunk) has __launch_bounds__(256).
+    let over = Launch { grid: (1, 1, 1), block: (512, 1, 1), shared_bytes: 0 };
+    let p = Arg::Ptr(x.ptr());
+    let args = [p, p, p, p, Arg::U32(1), Arg::U32(1), Arg::U32(1)];
+    let m = msg(unsafe { cuda.launch("elementwise", "rms_norm_backward_dw_partial_f32", over, &args, &shape) });
+    assert!(m.contains("__launch_bounds__ allows 256"), "{m}");
+}
