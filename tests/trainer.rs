@@ -161,3 +161,28 @@ fn nan_stops_training_and_keeps_the_last_checkpoint() {
     let ck = ilrec::train::checkpoint::load_latest(tmp.path()).unwrap().unwrap();
     assert_eq!(ck.step, 2);
 }
+
+/// `time_against_sft` measures on the run's next micro-batch without consuming it: the steps
+/// after it are bitwise those of a run that never measured.
+#[test]
+fn timing_against_sft_leaves_the_run_untouched() {
+    let (data, items) = samples();
+    let obj = ilrec_objective(&items);
+    let trainable: Vec<u32> = items.iter().copied().chain([2]).collect();
+    let mut cfg = small_cfg(4.0);
+    cfg.lora_dropout = 0.1; // the run's random state must not be drawn from either
+    let losses = |measure: bool| {
+        let mut model = Model::load(&fixture("tiny-llama")).unwrap();
+        let mut tr = Trainer::new(&model, cfg.clone(), data.len(), trainable.clone()).unwrap();
+        let mut out = Vec::new();
+        while !tr.is_done() {
+            if measure {
+                let c = tr.time_against_sft(&model, &data, &obj, 1).unwrap();
+                assert!(c.objective_s > 0.0 && c.sft_s > 0.0 && c.ratio().is_finite() && c.tokens > 0, "{c:?}");
+            }
+            out.push(tr.train_step(&mut model, &data, &obj).unwrap().stats.loss);
+        }
+        out
+    };
+    assert_eq!(losses(true), losses(false));
+}

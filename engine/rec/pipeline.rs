@@ -437,6 +437,20 @@ pub fn run_train_on(cfg: &RunConfig, device: &Device, log: &mut dyn FnMut(&str),
         tr.use_cuda(cuda, &model, Elem::BF16)?;
         log(&format!("training micro-batches on {device} (bf16 weights)"));
     }
+    if matches!(objective, Objective::Ilrec { .. }) && !tr.is_done() {
+        // What the method costs over plain SFT on this device (ENGINE.md's step-time ratio).
+        let reps = if matches!(device, Device::Cuda(_)) { 3 } else { 1 };
+        let c = tr.time_against_sft(&model, &data, &objective, reps)?;
+        log(&format!(
+            "step time per micro-batch of {} tokens on {device}: ILRec {:.1} ms ({:.0} tok/s), SFT {:.1} ms ({:.0} tok/s); ILRec/SFT step-time ratio {:.3}",
+            c.tokens,
+            c.objective_s * 1e3,
+            c.tokens as f64 / c.objective_s,
+            c.sft_s * 1e3,
+            c.tokens as f64 / c.sft_s,
+            c.ratio()
+        ));
+    }
     while !tr.is_done() {
         let rep = tr.train_step(&mut model, &data, &objective)?;
         on_step(&rep);

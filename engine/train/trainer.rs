@@ -143,6 +143,23 @@ pub struct StepReport {
     pub seconds: f64,
 }
 
+/// One micro-batch's forward + backward time under the run's objective and under SFT
+/// (`Trainer::time_against_sft`).
+#[derive(Clone, Copy, Debug)]
+pub struct StepCost {
+    pub objective_s: f64,
+    pub sft_s: f64,
+    /// Tokens of the micro-batch (padding excluded).
+    pub tokens: usize,
+}
+
+impl StepCost {
+    /// The objective's step time over SFT's.
+    pub fn ratio(&self) -> f64 {
+        self.objective_s / self.sft_s
+    }
+}
+
 const EMBED_ROWS: &str = "trainable_tokens.embed_rows";
 const HEAD_ROWS: &str = "trainable_tokens.head_rows";
 
@@ -173,6 +190,23 @@ fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
         order.swap(i, rng.below(i + 1));
     }
     order
+}
+
+/// The `k` examples from position (`epoch`, `cursor`) of the seeded data order, and the position
+/// after them.
+fn examples_from(seed: u64, n: usize, (mut epoch, mut cursor): (u64, u64), k: usize) -> (Vec<usize>, u64, u64) {
+    let mut out = Vec::with_capacity(k);
+    let mut order = epoch_order(seed, epoch, n);
+    while out.len() < k {
+        if cursor as usize >= n {
+            epoch += 1;
+            cursor = 0;
+            order = epoch_order(seed, epoch, n);
+        }
+        out.push(order[cursor as usize]);
+        cursor += 1;
+    }
+    (out, epoch, cursor)
 }
 
 fn rows_of(src: &[f32], tokens: &[u32], h: usize) -> Vec<f32> {
@@ -250,19 +284,45 @@ impl Trainer {
         serde_json::json!({ "train": self.cfg, "trainable_tokens": self.trainable_tokens, "n_examples": self.n_examples })
     }
 
-    fn next_examples(&mut self, k: usize) -> Vec<usize> {
-        let mut out = Vec::with_capacity(k);
-        let mut order = epoch_order(self.cfg.seed, self.epoch, self.n_examples);
-        while out.len() < k {
-            if self.cursor as usize >= self.n_examples {
-                self.epoch += 1;
-                self.cursor = 0;
-                order = epoch_order(self.cfg.seed, self.epoch, self.n_examples);
-            }
-            out.push(order[self.cursor as usize]);
-            self.cursor += 1;
+    /// What one micro-batch costs under `objective` against plain SFT, on the run's device and on
+    /// the examples of its next micro-batch (peeked: the run's data order, random state and
+    /// parameters are untouched): the median seconds of `reps` forward + backward passes of
+    /// each, after one warm-up pass of each. ILRec's overhead over SFT is the ratio.
+    pub fn time_against_sft(&self, model: &Model, data: &[Example], objective: &Objective, reps: usize) -> Result<StepCost> {
+        if data.len() != self.n_examples {
+            return Err(Error::Input(format!("the run was set up for {} examples, got {}", self.n_examples, data.len())));
         }
-        out
+        let (ids, _, _) = examples_from(self.cfg.seed, self.n_examples, (self.epoch, self.cursor), self.cfg.micro_batch);
+        for &i in &ids {
+            data[i].check(i)?;
+        }
+        let tb = collate(data, &ids)?;
+        let norm = tb.targets.len() as f64;
+        let mut rng = Rng::new(self.cfg.seed ^ 0x5f7_c057);
+        let mut once = |obj: &Objective| -> Result<f64> {
+            let t = Instant::now();
+            match &self.gpu {
+                // The gradients come back to the host, so the time includes the device's work.
+                Some(dm) => cuda_forward_backward(dm, model, &self.lora, &tb, obj, &self.trainable_tokens, norm, true, &mut rng)?,
+                None => forward_backward(model, &self.lora, &tb, obj, &self.trainable_tokens, norm, true, &mut rng)?,
+            };
+            Ok(t.elapsed().as_secs_f64())
+        };
+        let mut median = |obj: &Objective| -> Result<f64> {
+            once(obj)?;
+            let mut t = (0..reps.max(1)).map(|_| once(obj)).collect::<Result<Vec<f64>>>()?;
+            t.sort_by(f64::total_cmp);
+            Ok(t[t.len() / 2])
+        };
+        let objective_s = median(objective)?;
+        let sft_s = median(&Objective::Sft)?;
+        Ok(StepCost { objective_s, sft_s, tokens: tb.batch.num_real() })
+    }
+
+    fn next_examples(&mut self, k: usize) -> Vec<usize> {
+        let (ids, epoch, cursor) = examples_from(self.cfg.seed, self.n_examples, (self.epoch, self.cursor), k);
+        (self.epoch, self.cursor) = (epoch, cursor);
+        ids
     }
 
     /// One optimizer step over `grad_accum` micro-batches.
