@@ -32,7 +32,7 @@ pub struct Args {
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// cpu | cuda | auto.
+    /// cpu | cuda | auto | emu (the CUDA path on the host emulator: slow, for development).
     #[arg(long, default_value = "cpu")]
     device: String,
 }

@@ -31,7 +31,7 @@ pub struct Args {
     /// Timed repetitions (the median is reported) after one warm-up.
     #[arg(long, default_value_t = 3)]
     iters: usize,
-    /// cpu | cuda | auto.
+    /// cpu | cuda | auto | emu (the CUDA path on the host emulator: slow, for development).
     #[arg(long, default_value = "cpu")]
     device: String,
 }

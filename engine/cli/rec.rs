@@ -14,7 +14,7 @@ pub struct TrainArgs {
     /// TOML run config (every key optional; see docs/recommendation.md).
     #[arg(long)]
     config: PathBuf,
-    /// Where the micro-batches' forward and backward run: cpu | cuda | auto.
+    /// Where the micro-batches' forward and backward run: cpu | cuda | auto | emu (host emulator).
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -26,7 +26,7 @@ pub struct EvalArgs {
     /// valid | test.
     #[arg(long, default_value = "test")]
     split: String,
-    /// Where `eval`'s beam search runs: cpu | cuda | auto (sasrec and popularity ignore it).
+    /// Where `eval`'s beam search runs: cpu | cuda | auto | emu (sasrec and popularity ignore it).
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -45,7 +45,7 @@ pub struct RecommendArgs {
     /// How many items to print.
     #[arg(long, default_value_t = 10)]
     top: usize,
-    /// Where the beam search runs: cpu | cuda | auto.
+    /// Where the beam search runs: cpu | cuda | auto | emu (the CUDA path on the host emulator).
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -169,7 +169,7 @@ pub struct DecodeBenchArgs {
     /// Beam rows per forward: users go in chunks of max_rows / beam.
     #[arg(long, default_value_t = 4096)]
     max_rows: usize,
-    /// cpu | cuda | auto.
+    /// cpu | cuda | auto | emu (the CUDA path on the host emulator: slow, for development).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Weights on the GPU: f32 | bf16.
@@ -228,7 +228,11 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
     let lists: Vec<Vec<u32>> = results.iter().map(|r| r.iter().map(|x| x.item).collect()).collect();
     let scores: Vec<Vec<f32>> = results.iter().map(|r| r.iter().map(|x| x.score).collect()).collect();
     let out = serde_json::json!({
-        "device": if gpu.is_some() { "cuda" } else { "cpu" },
+        "device": match &device {
+            Device::Cpu => "cpu",
+            Device::Cuda(c) if c.is_emulated() => "emu (host emulator: times are not GPU times)",
+            Device::Cuda(_) => "cuda",
+        },
         "users": input.prompts.len(),
         "items": input.items.len(),
         "beam": a.beam,
