@@ -289,9 +289,7 @@ impl Trainer {
     /// parameters are untouched): the median seconds of `reps` forward + backward passes of
     /// each, after one warm-up pass of each. ILRec's overhead over SFT is the ratio.
     pub fn time_against_sft(&self, model: &Model, data: &[Example], objective: &Objective, reps: usize) -> Result<StepCost> {
-        if data.len() != self.n_examples {
-            return Err(Error::Input(format!("the run was set up for {} examples, got {}", self.n_examples, data.len())));
-        }
+        self.check_data(data)?;
         let (ids, _, _) = examples_from(self.cfg.seed, self.n_examples, (self.epoch, self.cursor), self.cfg.micro_batch);
         for &i in &ids {
             data[i].check(i)?;
@@ -301,11 +299,8 @@ impl Trainer {
         let mut rng = Rng::new(self.cfg.seed ^ 0x5f7_c057);
         let mut once = |obj: &Objective| -> Result<f64> {
             let t = Instant::now();
-            match &self.gpu {
-                // The gradients come back to the host, so the time includes the device's work.
-                Some(dm) => cuda_forward_backward(dm, model, &self.lora, &tb, obj, &self.trainable_tokens, norm, true, &mut rng)?,
-                None => forward_backward(model, &self.lora, &tb, obj, &self.trainable_tokens, norm, true, &mut rng)?,
-            };
+            // The gradients come back to the host, so the time includes the device's work.
+            micro_batch(self.gpu.as_ref(), model, &self.lora, &tb, obj, &self.trainable_tokens, norm, &mut rng)?;
             Ok(t.elapsed().as_secs_f64())
         };
         let mut median = |obj: &Objective| -> Result<f64> {
@@ -319,6 +314,13 @@ impl Trainer {
         Ok(StepCost { objective_s, sft_s, tokens: tb.batch.num_real() })
     }
 
+    fn check_data(&self, data: &[Example]) -> Result<()> {
+        if data.len() != self.n_examples {
+            return Err(Error::Input(format!("the run was set up for {} examples, got {}", self.n_examples, data.len())));
+        }
+        Ok(())
+    }
+
     fn next_examples(&mut self, k: usize) -> Vec<usize> {
         let (ids, epoch, cursor) = examples_from(self.cfg.seed, self.n_examples, (self.epoch, self.cursor), k);
         (self.epoch, self.cursor) = (epoch, cursor);
@@ -327,9 +329,7 @@ impl Trainer {
 
     /// One optimizer step over `grad_accum` micro-batches.
     pub fn train_step(&mut self, model: &mut Model, data: &[Example], objective: &Objective) -> Result<StepReport> {
-        if data.len() != self.n_examples {
-            return Err(Error::Input(format!("the run was set up for {} examples, got {}", self.n_examples, data.len())));
-        }
+        self.check_data(data)?;
         let started = Instant::now();
         let step_no = self.step + 1;
         let micro: Vec<Vec<usize>> = (0..self.cfg.grad_accum).map(|_| self.next_examples(self.cfg.micro_batch)).collect();
@@ -345,11 +345,8 @@ impl Trainer {
             let tb = collate(data, ids)?;
             tokens += tb.batch.num_real();
             let norm = response_tokens as f64;
-            let (st, g) = match &self.gpu {
-                Some(dm) => cuda_forward_backward(dm, model, &self.lora, &tb, objective, &self.trainable_tokens, norm, true, &mut self.rng),
-                None => forward_backward(model, &self.lora, &tb, objective, &self.trainable_tokens, norm, true, &mut self.rng),
-            }
-            .map_err(|e| at_step(e, step_no))?;
+            let (st, g) = micro_batch(self.gpu.as_ref(), model, &self.lora, &tb, objective, &self.trainable_tokens, norm, &mut self.rng)
+                .map_err(|e| at_step(e, step_no))?;
             stats.accumulate(&st);
             let mut g = g;
             for (acc, x) in grads.tensors_mut().into_iter().zip(g.tensors_mut()) {
@@ -474,6 +471,24 @@ impl Trainer {
         self.rng = Rng::from_state(ck.rng);
         self.write_rows(model)?;
         Ok(true)
+    }
+}
+
+/// One training micro-batch's forward and backward, on the GPU when the run has its weights there.
+#[allow(clippy::too_many_arguments)]
+fn micro_batch(
+    gpu: Option<&CudaModel>,
+    model: &Model,
+    lora: &Lora,
+    tb: &TrainBatch,
+    objective: &Objective,
+    trainable_tokens: &[u32],
+    norm: f64,
+    rng: &mut Rng,
+) -> Result<(LossStats, Grads)> {
+    match gpu {
+        Some(dm) => cuda_forward_backward(dm, model, lora, tb, objective, trainable_tokens, norm, true, rng),
+        None => forward_backward(model, lora, tb, objective, trainable_tokens, norm, true, rng),
     }
 }
 

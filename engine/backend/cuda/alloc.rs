@@ -56,11 +56,17 @@ impl Pool {
             return Ok(ptr);
         }
         let ptr = driver_alloc(class)?;
-        self.stats.driver_allocs += 1;
-        self.stats.reserved += class;
-        self.stats.peak_reserved = self.stats.peak_reserved.max(self.stats.reserved);
-        self.note_use(class);
+        self.note_fresh(class);
         Ok(ptr)
+    }
+
+    /// Counts a block of `bytes` newly obtained (from the driver, or the emulator's mapping) and
+    /// handed out.
+    pub(crate) fn note_fresh(&mut self, bytes: usize) {
+        self.stats.driver_allocs += 1;
+        self.stats.reserved += bytes;
+        self.stats.peak_reserved = self.stats.peak_reserved.max(self.stats.reserved);
+        self.note_use(bytes);
     }
 
     fn note_use(&mut self, class: usize) {

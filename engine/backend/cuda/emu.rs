@@ -264,15 +264,17 @@ fn compile(src: &Path) -> Built {
     let so = dir.join(format!("{stem}-{:016x}.so", content_hash(src, &include_dirs)));
     if !so.exists() {
         let prelude = kernels.join("emu/emu.h");
-        let base = |cmd: &mut Command| {
-            cmd.arg("-std=c++20").arg("-DILREC_EMU").arg("-include").arg(&prelude);
+        // Both passes: the build flags, the prelude and the include path.
+        let gxx = || {
+            let mut cmd = Command::new(compiler());
+            cmd.args(FLAGS).arg("-include").arg(&prelude);
             for d in &include_dirs {
                 cmd.arg("-I").arg(d);
             }
+            cmd
         };
         // Pass 1: preprocess with markers to find every kernel (macro-made ones too).
-        let mut scan = Command::new(compiler());
-        base(&mut scan);
+        let mut scan = gxx();
         scan.arg("-DILREC_EMU_SCAN").arg("-E").arg("-P").arg("-x").arg("c++").arg(src);
         let pre = run(&mut scan, &format!("preprocessing {}", src.display()))?;
         let kernels_found = scan_kernels(&String::from_utf8_lossy(&pre));
@@ -285,11 +287,7 @@ fn compile(src: &Path) -> Built {
         }
         std::fs::write(&wrapper, text).map_err(|e| BuildError::Failed(format!("writing {}: {e}", wrapper.display())))?;
         let tmp = dir.join(format!("{stem}.{pid}.tmp.so"));
-        let mut cmd = Command::new(compiler());
-        cmd.args(FLAGS).arg("-include").arg(&prelude);
-        for d in &include_dirs {
-            cmd.arg("-I").arg(d);
-        }
+        let mut cmd = gxx();
         cmd.arg("-x").arg("c++").arg(&wrapper).arg("-o").arg(&tmp);
         let built = run(&mut cmd, &format!("emulator build of {}", src.display()));
         let _ = std::fs::remove_file(&wrapper);

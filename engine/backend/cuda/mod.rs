@@ -425,13 +425,7 @@ impl Cuda {
                 // SAFETY: p is a fresh writable mapping of len bytes.
                 unsafe { std::ptr::write_bytes(p, 0xFF, len) };
                 e.live.lock().expect("emulator allocations poisoned").insert(p as u64, len);
-                let mut pool = self.inner.pool.lock().expect("allocator poisoned");
-                let s = &mut pool.stats;
-                s.driver_allocs += 1;
-                s.in_use += len;
-                s.reserved += len;
-                s.peak_in_use = s.peak_in_use.max(s.in_use);
-                s.peak_reserved = s.peak_reserved.max(s.reserved);
+                self.inner.pool.lock().expect("allocator poisoned").note_fresh(len);
                 return Ok((p as u64, len));
             }
         };
