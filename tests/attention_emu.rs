@@ -9,6 +9,8 @@ mod common;
 use common::emu::{bf16_bits, bf16_f32, dim, Emu, Schedule};
 use common::rel_err;
 use ilrec::backend::cpu::{attention, attention_backward, AttentionShape};
+// N(0, scale^2) with 1 in 64 values x30 (outliers), as the self-test draws.
+use ilrec::backend::cuda::selftest::random_outliers as random;
 use ilrec::rng::Rng;
 
 const TOL_BF16: f64 = 1e-2;
@@ -21,20 +23,6 @@ type CastKv = unsafe extern "C" fn(*mut u16, *const f32, u64, u32, u32, u32);
 type Prep = unsafe extern "C" fn(*mut f32, *mut u16, *const f32, *const f32, u32, u32, u32, u32);
 type Dkdv = unsafe extern "C" fn(*mut f32, *mut f32, *const u16, *const u16, *const u16, *const u16, *const f32, *const f32, *const u8, u32, u32, u32, f32);
 type Dq = unsafe extern "C" fn(*mut f32, *const u16, *const u16, *const u16, *const u16, *const f32, *const f32, *const u8, u32, u32, u32, f32);
-
-/// N(0, scale^2) with 1 in 64 values x30 (outliers), as the self-test draws.
-fn random(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            let v = rng.normal() * scale;
-            if rng.below(64) == 0 {
-                v * 30.0
-            } else {
-                v
-            }
-        })
-        .collect()
-}
 
 fn held(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| bf16_f32(bf16_bits(x))).collect()

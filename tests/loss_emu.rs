@@ -9,25 +9,15 @@ mod common;
 
 use common::emu::{bf16_bits, bf16_f32, dim, Emu, Schedule};
 use common::rel_err;
+use ilrec::backend::cuda::ops::loss::{row_flags, row_stats};
 use ilrec::backend::cpu::{matmul_nn, matmul_nt, rms_norm, rms_norm_backward};
+// N(0, scale^2) with 1 in 64 values x30 (outliers), as the self-test draws.
+use ilrec::backend::cuda::selftest::random_outliers as random;
 use ilrec::rng::Rng;
 use ilrec::train::loss::{ilrec_loss, sft_loss, CpdDirection, IlrecParams, LossRows, LossStats, NegSource, NegWeight};
 use std::ptr::{null, null_mut};
 
 const NONE: u32 = u32::MAX;
-
-fn random(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            let v = rng.normal() * scale;
-            if rng.below(64) == 0 {
-                v * 30.0
-            } else {
-                v
-            }
-        })
-        .collect()
-}
 
 fn to_bf16(v: &[f32]) -> Vec<u16> {
     v.iter().map(|&x| bf16_bits(x)).collect()
@@ -171,7 +161,7 @@ fn run_fused(emu: &Emu, cs: &Case, normed: &[f32], head: &[f32], targets: &[u32]
     let mut dprobe = vec![f32::NAN; k * m * s];
     let mut rows = vec![f64::NAN; m * 3];
     let mut counts = vec![0u32; m * 2];
-    let flags = (p.neg_weight == NegWeight::Logit) as u32 | ((p.cpd_direction == CpdDirection::Reverse) as u32) << 1 | ((p.negatives == NegSource::Final) as u32) << 2;
+    let flags = row_flags(&p);
     let rows_k: RowsFn = emu.kernel("loss_rows");
     let sp = |x: &mut Vec<f32>| if s > 0 { x.as_mut_ptr() } else { null_mut() };
     let (o1, o2, o3, o4, o5) = (lse_s.as_mut_ptr(), lse_z.as_mut_ptr(), crr_w.as_mut_ptr(), sp(&mut mult), sp(&mut qh));
@@ -217,26 +207,7 @@ fn run_fused(emu: &Emu, cs: &Case, normed: &[f32], head: &[f32], targets: &[u32]
     }
 
     // Statistics as LossPlan::run sums them.
-    let mut st = LossStats::default();
-    for r in 0..m {
-        if targets[r] == NONE {
-            continue;
-        }
-        if item[r] && s > 0 {
-            st.cpo += rows[r * 3];
-            st.cpd += rows[r * 3 + 1];
-            st.crr += rows[r * 3 + 2];
-            st.item_rows += 1;
-            st.negatives += counts[r * 2] as usize;
-        } else {
-            st.ce += rows[r * 3];
-        }
-    }
-    st.cpo *= scale;
-    st.cpd *= scale;
-    st.crr *= scale;
-    st.ce *= scale;
-    st.loss = st.cpo + p.lambda as f64 * st.cpd + p.mu as f64 * st.crr + st.ce;
+    let st = row_stats(&rows, &counts, targets, item, s > 0, &p, norm);
     Out { stats: st, dnormed, dtrain, dprobe }
 }
 

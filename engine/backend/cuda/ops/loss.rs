@@ -283,7 +283,7 @@ impl LossPlan {
         let rows = DeviceTensor::empty(cuda, &[m, 3], Elem::F64, "loss: row losses")?;
         let counts = DeviceTensor::empty(cuda, &[m, 2], Elem::U32, "loss: row negative counts")?;
         let p = params.unwrap_or_default();
-        let flags = (p.neg_weight == NegWeight::Logit) as u32 | ((p.cpd_direction == CpdDirection::Reverse) as u32) << 1 | ((p.negatives == NegSource::Final) as u32) << 2;
+        let flags = row_flags(&p);
         let sp = |t: &DeviceTensor| if s > 0 { t.ptr() } else { null };
         let args = [
             Arg::Ptr(lse_s.ptr()),
@@ -383,32 +383,44 @@ impl LossPlan {
         }
 
         // Statistics, summed on the host in row order as ilrec_loss does.
-        let rows = rows.to_f64_vec()?;
-        let counts = counts.to_u32_vec()?;
-        let scale = 1.0 / norm;
-        let st = &mut out.stats;
-        for r in 0..m {
-            if self.host_targets[r] == NONE {
-                continue;
-            }
-            if self.host_item[r] && self.cand.is_some() {
-                st.cpo += rows[r * 3];
-                st.cpd += rows[r * 3 + 1];
-                st.crr += rows[r * 3 + 2];
-                st.item_rows += 1;
-                st.negatives += counts[r * 2] as usize;
-                st.negatives_below_zero += counts[r * 2 + 1] as usize;
-            } else {
-                st.ce += rows[r * 3];
-            }
-        }
-        st.cpo *= scale;
-        st.cpd *= scale;
-        st.crr *= scale;
-        st.ce *= scale;
-        st.loss = st.cpo + p.lambda as f64 * st.cpd + p.mu as f64 * st.crr + st.ce;
+        out.stats = row_stats(&rows.to_f64_vec()?, &counts.to_u32_vec()?, &self.host_targets, &self.host_item, self.cand.is_some(), &p, norm);
         Ok(out)
     }
+}
+
+/// The `flags` argument of `loss_rows` for these ILRec options (see the kernel).
+pub fn row_flags(p: &IlrecParams) -> u32 {
+    (p.neg_weight == NegWeight::Logit) as u32 | ((p.cpd_direction == CpdDirection::Reverse) as u32) << 1 | ((p.negatives == NegSource::Final) as u32) << 2
+}
+
+/// The batch's loss terms from `loss_rows`' per-row sums, added on the host in row order as
+/// `ilrec_loss` does and divided by `norm`: `rows` `[m, 3]` (CPO, CPD, CRR of an item row when the
+/// plan has candidates; otherwise CE in the first slot), `counts` `[m, 2]` (the row's negatives,
+/// and those of them below zero). Rows whose target is [`NONE`] are skipped.
+pub fn row_stats(rows: &[f64], counts: &[u32], targets: &[u32], item: &[bool], has_candidates: bool, p: &IlrecParams, norm: f64) -> LossStats {
+    let mut st = LossStats::default();
+    for (r, &t) in targets.iter().enumerate() {
+        if t == NONE {
+            continue;
+        }
+        if item[r] && has_candidates {
+            st.cpo += rows[r * 3];
+            st.cpd += rows[r * 3 + 1];
+            st.crr += rows[r * 3 + 2];
+            st.item_rows += 1;
+            st.negatives += counts[r * 2] as usize;
+            st.negatives_below_zero += counts[r * 2 + 1] as usize;
+        } else {
+            st.ce += rows[r * 3];
+        }
+    }
+    let scale = 1.0 / norm;
+    st.cpo *= scale;
+    st.cpd *= scale;
+    st.crr *= scale;
+    st.ce *= scale;
+    st.loss = st.cpo + p.lambda as f64 * st.cpd + p.mu as f64 * st.crr + st.ce;
+    st
 }
 
 /// `(splits, vocabulary tiles per split)` of pass 1 for `m` rows and `v` columns.
