@@ -244,7 +244,7 @@ fn cuda_memory_benches(c: &mut Criterion, cuda: &Cuda) -> ilrec::Result<()> {
     let mut q = DeviceTensor::from_f32_as_bf16(cuda, &[TOKENS, HEADS * HEAD_DIM], &random(&mut rng, nq, 1.0), "q")?;
     g.throughput(bytes(2 * nq * h + 2 * half * f));
     cuda_bench(&mut g, cuda, format!("rope bf16 {TOKENS}x{HEADS}x{HEAD_DIM}"), || {
-        elementwise::rope(cuda, &mut q, &cos, &sin, HEADS, HEAD_DIM)
+        elementwise::rope(cuda, &mut q, elementwise::RopeTables { cos: &cos, sin: &sin, pos: None }, HEADS, HEAD_DIM)
     });
     drop((cos, sin, q));
 

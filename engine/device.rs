@@ -24,6 +24,16 @@ pub enum Device {
     Cuda(Cuda),
 }
 
+impl Device {
+    /// The CUDA runtime, when work runs on one.
+    pub fn cuda(&self) -> Option<&Cuda> {
+        match self {
+            Device::Cpu => None,
+            Device::Cuda(c) => Some(c),
+        }
+    }
+}
+
 impl FromStr for DeviceRequest {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {

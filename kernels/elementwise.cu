@@ -170,16 +170,22 @@ column_sum_f32(float *__restrict__ out, const float *__restrict__ in, uint32_t r
 
 // =============================================================================================
 // RoPE, HF rotate_half layout (rope_inplace in elementwise.rs): within each head the pairs are
-// (i, i + head_dim/2); row r of x uses row r of the cos/sin tables (rope_tables).
+// (i, i + head_dim/2); row r of x uses row pos[r] of the cos/sin tables (rope_tables), or row r
+// when pos is null.
 //   forward:  a' = a*cos - b*sin, b' = b*cos + a*sin
 //   backward: the rotation by the opposite angle (the CPU passes -sin; negation is exact, so this
 //             is bitwise the same): a' = a*cos + b*sin, b' = b*cos - a*sin
-// Layout: x [rows, n_heads * head_dim] (T, in place); cos, sin [rows, head_dim/2] f32.
+// The position indirection lets the decode loop keep one table per KV cache (positions 0..cap)
+// and compute positions on the device (kv_advance), so a step uploads nothing. A position past
+// the table cannot be checked on the host (it lives on the device): the row becomes NaN, which
+// the beam search reports, instead of reading outside the table.
+// Layout: x [rows, n_heads * head_dim] (T, in place); cos, sin [table_rows, head_dim/2] f32;
+// pos null or [rows] u32.
 // Launch: element-wise over rows * n_heads * head_dim/2 pairs (grid-stride; block 256).
 
 template <typename T, bool BACKWARD>
-__device__ __forceinline__ void rope_impl(T *x, const float *cos, const float *sin, uint32_t rows, uint32_t n_heads,
-                                          uint32_t head_dim) {
+__device__ __forceinline__ void rope_impl(T *x, const float *cos, const float *sin, const uint32_t *pos, uint32_t rows,
+                                          uint32_t table_rows, uint32_t n_heads, uint32_t head_dim) {
     const uint32_t half = head_dim / 2;
     const uint64_t pairs = (uint64_t)rows * n_heads * half;
     ILREC_GRID_STRIDE(p, pairs) {
@@ -187,7 +193,13 @@ __device__ __forceinline__ void rope_impl(T *x, const float *cos, const float *s
         const uint64_t rh = p / half;  // row * n_heads + head
         const uint64_t r = rh / n_heads;
         T *head = x + rh * head_dim;
-        const float c = cos[r * half + i], s = sin[r * half + i];
+        const uint64_t tr = pos ? (uint64_t)pos[r] : r;
+        if (tr >= table_rows) {
+            head[i] = st<T>(__int_as_float(0x7fc00000));
+            head[i + half] = st<T>(__int_as_float(0x7fc00000));
+            continue;
+        }
+        const float c = cos[tr * half + i], s = sin[tr * half + i];
         const float a = ld(head[i]), b = ld(head[i + half]);
         if (BACKWARD) {
             head[i] = st<T>(fadd(fmul(a, c), fmul(b, s)));
@@ -198,18 +210,18 @@ __device__ __forceinline__ void rope_impl(T *x, const float *cos, const float *s
         }
     }
 }
-extern "C" __global__ void rope_f32(float *x, const float *cos, const float *sin, uint32_t rows, uint32_t n_heads,
-                                    uint32_t head_dim) {
-    rope_impl<float, false>(x, cos, sin, rows, n_heads, head_dim);
+extern "C" __global__ void rope_f32(float *x, const float *cos, const float *sin, const uint32_t *pos, uint32_t rows,
+                                    uint32_t table_rows, uint32_t n_heads, uint32_t head_dim) {
+    rope_impl<float, false>(x, cos, sin, pos, rows, table_rows, n_heads, head_dim);
 }
-extern "C" __global__ void rope_bf16(bf16 *x, const float *cos, const float *sin, uint32_t rows, uint32_t n_heads,
-                                     uint32_t head_dim) {
-    rope_impl<bf16, false>(x, cos, sin, rows, n_heads, head_dim);
+extern "C" __global__ void rope_bf16(bf16 *x, const float *cos, const float *sin, const uint32_t *pos, uint32_t rows,
+                                     uint32_t table_rows, uint32_t n_heads, uint32_t head_dim) {
+    rope_impl<bf16, false>(x, cos, sin, pos, rows, table_rows, n_heads, head_dim);
 }
 // Backward operates on the f32 gradient of the rotated tensor, in place.
-extern "C" __global__ void rope_backward_f32(float *dx, const float *cos, const float *sin, uint32_t rows,
-                                             uint32_t n_heads, uint32_t head_dim) {
-    rope_impl<float, true>(dx, cos, sin, rows, n_heads, head_dim);
+extern "C" __global__ void rope_backward_f32(float *dx, const float *cos, const float *sin, const uint32_t *pos,
+                                             uint32_t rows, uint32_t table_rows, uint32_t n_heads, uint32_t head_dim) {
+    rope_impl<float, true>(dx, cos, sin, pos, rows, table_rows, n_heads, head_dim);
 }
 
 // =============================================================================================

@@ -60,3 +60,28 @@ extern "C" __global__ void kv_gather_bf16(bf16 *dst, const bf16 *src, uint32_t b
 extern "C" __global__ void mul_inplace_f32(float *__restrict__ x, const float *__restrict__ m, uint64_t n) {
     ILREC_GRID_STRIDE(i, n) x[i] = fmul(x[i], m[i]);
 }
+
+// The cache's bookkeeping for new tokens, on the device, so a decode step uploads nothing:
+// sequence b's t new tokens (mask [batch * t] u8, 1 = real; null = all real) get their RoPE
+// positions (pos [batch * t] u32: the real tokens before them; a padding token takes the last
+// real position, as positions() in engine/model/batch.rs), their key-mask columns
+// past .. past + t (key_mask [batch, cap] u8) and the new real-token count real_out [batch] from
+// real_in [batch] (u32; distinct buffers, so a forward that fails later leaves the cache's count
+// as it was: columns past the committed length are never read).
+// Launch: element-wise over batch (grid-stride; block 256); t is a handful of tokens in decode and
+// a prompt's length at prefill, once per decode.
+extern "C" __global__ void kv_advance(uint32_t *__restrict__ pos, uint8_t *__restrict__ key_mask,
+                                      uint32_t *__restrict__ real_out, const uint32_t *__restrict__ real_in,
+                                      const uint8_t *__restrict__ mask, uint32_t batch, uint32_t t, uint32_t past,
+                                      uint32_t cap) {
+    ILREC_GRID_STRIDE(b, batch) {
+        uint32_t real = real_in[b];
+        for (uint32_t i = 0; i < t; ++i) {
+            const uint8_t m = mask ? mask[b * t + i] : (uint8_t)1;
+            pos[b * t + i] = m ? real : (real > 0 ? real - 1 : 0);
+            key_mask[b * cap + past + i] = m;
+            real += m ? 1u : 0u;
+        }
+        real_out[b] = real;
+    }
+}

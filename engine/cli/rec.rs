@@ -216,7 +216,10 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
         None => recommend(&model, &trie, &input.prompts, &opts),
         Some((m, t)) => recommend_cuda(m, t, &input.prompts, &opts),
     };
+    // Copies one search makes between host and device: they do not grow with the steps.
+    let before = device.cuda().map(|c| c.transfers());
     let results = run()?;
+    let copies = device.cuda().zip(before).map(|(c, b)| c.transfers().since(&b));
     let mut times = Vec::new();
     for _ in 0..a.reps.max(1) {
         let t0 = Instant::now();
@@ -238,6 +241,9 @@ pub fn decode_bench(a: DecodeBenchArgs) -> Result<()> {
         "beam": a.beam,
         "seconds": s,
         "recs_per_s": input.prompts.len() as f64 / s,
+        "copies_per_search": copies.map(|t| serde_json::json!({
+            "to_device": t.htod, "to_device_bytes": t.htod_bytes, "to_host": t.dtoh, "to_host_bytes": t.dtoh_bytes,
+        })),
         "results": lists,
         "scores": scores,
     });

@@ -42,7 +42,32 @@ struct Inner {
     name: String,
     capability: (i32, i32),
     pool: Mutex<Pool>,
+    transfers: Mutex<TransferStats>,
     exec: Exec,
+}
+
+/// Host/device copies the runtime has queued, counted per direction: what lets a caller see
+/// that a loop keeps its data on the device (the beam search's steps copy nothing).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TransferStats {
+    /// Copies to the device, and their bytes.
+    pub htod: u64,
+    pub htod_bytes: u64,
+    /// Copies to the host (each waits for the queued work), and their bytes.
+    pub dtoh: u64,
+    pub dtoh_bytes: u64,
+}
+
+impl TransferStats {
+    /// The copies made between `earlier` and `self`.
+    pub fn since(&self, earlier: &TransferStats) -> TransferStats {
+        TransferStats {
+            htod: self.htod - earlier.htod,
+            htod_bytes: self.htod_bytes - earlier.htod_bytes,
+            dtoh: self.dtoh - earlier.dtoh,
+            dtoh_bytes: self.dtoh_bytes - earlier.dtoh_bytes,
+        }
+    }
 }
 
 /// What runs the kernels.
@@ -225,6 +250,7 @@ impl Cuda {
                     name,
                     capability,
                     pool: Mutex::new(Pool::default()),
+                    transfers: Mutex::new(TransferStats::default()),
                     exec: Exec::Driver(Driver {
                         ctx,
                         stream,
@@ -256,6 +282,7 @@ impl Cuda {
                 name: "host emulator (kernels/emu)".into(),
                 capability: (9, 0),
                 pool: Mutex::new(Pool::default()),
+                transfers: Mutex::new(TransferStats::default()),
                 exec: Exec::Emu(EmuRuntime { libs: Mutex::new(HashMap::new()), live: Mutex::new(BTreeMap::new()), alloc }),
             }),
         })
@@ -385,6 +412,20 @@ impl Cuda {
         self.inner.pool.lock().expect("allocator poisoned").stats
     }
 
+    /// Host/device copies so far.
+    pub fn transfers(&self) -> TransferStats {
+        *self.inner.transfers.lock().expect("transfer counters poisoned")
+    }
+
+    fn count_transfer(&self, to_device: bool, bytes: usize) {
+        let mut t = self.inner.transfers.lock().expect("transfer counters poisoned");
+        if to_device {
+            (t.htod, t.htod_bytes) = (t.htod + 1, t.htod_bytes + bytes as u64);
+        } else {
+            (t.dtoh, t.dtoh_bytes) = (t.dtoh + 1, t.dtoh_bytes + bytes as u64);
+        }
+    }
+
     /// Restarts the peak counters from the current values (per-phase peaks).
     pub fn reset_peak(&self) {
         let mut p = self.inner.pool.lock().expect("allocator poisoned");
@@ -494,6 +535,7 @@ impl Cuda {
 
     /// Copies host bytes to `dst` (queued; `src` may be dropped when this returns).
     pub(crate) fn htod(&self, dst: u64, src: &[u8], what: &dyn Fn() -> String) -> Result<()> {
+        self.count_transfer(true, src.len());
         match &self.inner.exec {
             Exec::Driver(d) => {
                 self.bind()?;
@@ -513,6 +555,7 @@ impl Cuda {
 
     /// Copies `dst.len()` bytes from `src` to the host, waiting for queued work.
     pub(crate) fn dtoh(&self, dst: &mut [u8], src: u64, what: &dyn Fn() -> String) -> Result<()> {
+        self.count_transfer(false, dst.len());
         match &self.inner.exec {
             Exec::Driver(d) => {
                 self.bind()?;

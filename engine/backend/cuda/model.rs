@@ -62,13 +62,21 @@ pub struct CudaModel {
 }
 
 /// Keys and values of every token seen so far, on the device (`[batch, kv_heads, cap, d]` f32 per
-/// block), with the padding mask and real-token counts on the host (they decide RoPE positions
-/// and the key mask, both uploaded per call).
+/// block), with their bookkeeping: the key mask and real-token counts (which decide RoPE
+/// positions) live on the device, advanced there by kv_advance, and RoPE tables for positions
+/// `0..cap` are built once, so a decode step whose tokens are all real uploads nothing. The host
+/// keeps a mirror of mask and counts (it knows every batch mask) to check beam reorders.
 pub struct CudaKvCache {
     k: Vec<DeviceTensor>,
     v: Vec<DeviceTensor>,
     mask: Vec<bool>,
     real: Vec<usize>,
+    /// `[batch, cap]` u8 and `[batch]` u32: the device copies of `mask` and `real`.
+    key_mask: DeviceTensor,
+    real_d: DeviceTensor,
+    /// `[cap, head_dim / 2]` f32 each.
+    cos: DeviceTensor,
+    sin: DeviceTensor,
     len: usize,
     cap: usize,
     batch: usize,
@@ -138,6 +146,15 @@ impl CudaKvCache {
                 mask.extend_from_slice(&self.mask[g * src_per * cap..(g * src_per + 1) * cap]);
                 real.push(self.real[g * src_per]);
             }
+        }
+        // Rows of a group share their bookkeeping, so a reorder within groups of unchanged size
+        // leaves the device copies as they are; a new group size (the first step fans each
+        // prompt out to its beams) re-uploads them from the mirror.
+        if per_group != src_per {
+            let key_mask: Vec<u8> = mask.iter().map(|&m| m as u8).collect();
+            let counts: Vec<u32> = real.iter().map(|&r| r as u32).collect();
+            self.key_mask = DeviceTensor::from_u8(&cuda, &[rows, cap], &key_mask, "key mask")?;
+            self.real_d = DeviceTensor::from_u32(&cuda, &[rows], &counts, "real-token counts")?;
         }
         (self.k, self.v, self.mask, self.real, self.batch) = (k, v, mask, real, rows);
         Ok(())
@@ -235,7 +252,22 @@ impl CudaModel {
             k.push(DeviceTensor::zeros(&self.cuda, &shape, Elem::F32, &format!("KV cache keys, block {}", l + 1))?);
             v.push(DeviceTensor::zeros(&self.cuda, &shape, Elem::F32, &format!("KV cache values, block {}", l + 1))?);
         }
-        Ok(CudaKvCache { k, v, mask: vec![false; batch * cap], real: vec![0; batch], len: 0, cap, batch })
+        let key_mask = DeviceTensor::zeros(&self.cuda, &[batch, cap], Elem::U8, "key mask")?;
+        let real_d = DeviceTensor::zeros(&self.cuda, &[batch], Elem::U32, "real-token counts")?;
+        let (cos, sin) = self.rope_tables(cap)?;
+        Ok(CudaKvCache { k, v, mask: vec![false; batch * cap], real: vec![0; batch], key_mask, real_d, cos, sin, len: 0, cap, batch })
+    }
+
+    /// RoPE tables (`[positions, head_dim / 2]` f32 cos and sin) for positions `0..positions`, as
+    /// the CPU's `rope_tables` computes them.
+    pub(crate) fn rope_tables(&self, positions: usize) -> Result<(DeviceTensor, DeviceTensor)> {
+        let c = &self.config;
+        let pos: Vec<usize> = (0..positions).collect();
+        let (cos, sin) = cpu::rope_tables(&pos, c.head_dim, c.rope_theta);
+        let half = c.head_dim / 2;
+        let cos = DeviceTensor::from_f32(&self.cuda, &[positions, half], &cos, "RoPE cos table")?;
+        let sin = DeviceTensor::from_f32(&self.cuda, &[positions, half], &sin, "RoPE sin table")?;
+        Ok((cos, sin))
     }
 
     /// The whole padded batch from scratch.
@@ -329,20 +361,27 @@ impl CudaModel {
             return Err(Error::Input(format!("the device KV cache holds {cap} tokens per sequence; {past} stored + {t} new do not fit")));
         }
 
-        // RoPE positions count real tokens only, continuing from the cache (as on the CPU).
-        // The cache's host state is committed only when the whole forward has been queued, so a
-        // failed call (out of memory, say) leaves the cache as it was.
-        let (pos, real) = positions(batch, &cache.real);
-        let mut mask = cache.mask.clone();
-        for b in 0..bsz {
-            mask[b * cap + past..b * cap + past + t].copy_from_slice(&batch.mask[b * t..(b + 1) * t]);
-        }
-        let (cos, sin) = cpu::rope_tables(&pos, c.head_dim, c.rope_theta);
-        let half = c.head_dim / 2;
-        let cos = DeviceTensor::from_f32(cu, &[n, half], &cos, "RoPE cos table")?;
-        let sin = DeviceTensor::from_f32(cu, &[n, half], &sin, "RoPE sin table")?;
-        let key_mask: Vec<u8> = mask.iter().map(|&m| m as u8).collect();
-        let key_mask = DeviceTensor::from_u8(cu, &[bsz, cap], &key_mask, "key mask")?;
+        // RoPE positions count real tokens only, continuing from the cache (as on the CPU); the
+        // device works them out (kv_advance). The cache's length and counts are committed only
+        // when the whole forward has been queued, so a failed call (out of memory, say) leaves
+        // the cache as it was: the key-mask columns it wrote lie past the committed length.
+        let (_, real) = positions(batch, &cache.real);
+        let mask_d = match batch.mask.iter().all(|&m| m) {
+            true => None,
+            false => {
+                let m: Vec<u8> = batch.mask.iter().map(|&m| m as u8).collect();
+                Some(DeviceTensor::from_u8(cu, &[n], &m, "batch padding mask")?)
+            }
+        };
+        let mut pos = DeviceTensor::empty(cu, &[n], Elem::U32, "RoPE positions")?;
+        let mut real_d = DeviceTensor::empty(cu, &[bsz], Elem::U32, "real-token counts")?;
+        kv::kv_advance(cu, &mut pos, &mut cache.key_mask, &mut real_d, &cache.real_d, mask_d.as_ref(), past)?;
+        let commit = move |cache: &mut CudaKvCache| {
+            for b in 0..bsz {
+                cache.mask[b * cap + past..b * cap + past + t].copy_from_slice(&batch.mask[b * t..(b + 1) * t]);
+            }
+            (cache.real, cache.real_d, cache.len) = (real, real_d, past + t);
+        };
         let uploaded;
         let tokens = match dev_tokens {
             Some(t) if t.elem() == Elem::U32 && t.numel() == n => t,
@@ -387,12 +426,13 @@ impl CudaModel {
             self.linear(&mut k, &h1, &blk.k)?;
             self.linear(&mut v, &h1, &blk.v)?;
             drop(h1);
-            ew::rope(cu, &mut q, &cos, &sin, c.num_heads, c.head_dim)?;
-            ew::rope(cu, &mut k, &cos, &sin, c.num_kv_heads, c.head_dim)?;
+            let rope = ew::RopeTables { cos: &cache.cos, sin: &cache.sin, pos: Some(&pos) };
+            ew::rope(cu, &mut q, rope, c.num_heads, c.head_dim)?;
+            ew::rope(cu, &mut k, rope, c.num_kv_heads, c.head_dim)?;
             let layout = kv::KvLayout { batch: bsz, t, past, cap, heads: c.num_kv_heads, d: c.head_dim };
             kv::kv_scatter(cu, &mut cache.k[l], &k, layout)?;
             kv::kv_scatter(cu, &mut cache.v[l], &v, layout)?;
-            attention::forward_f32(cu, &mut attn, &mut lse, &q, &cache.k[l], &cache.v[l], &key_mask, shape, flash)?;
+            attention::forward_f32(cu, &mut attn, &mut lse, &q, &cache.k[l], &cache.v[l], &cache.key_mask, shape, flash)?;
             self.linear(&mut proj, &self.gemm_in(&attn, n)?, &blk.o)?;
             ew::add_inplace(cu, &mut x, &proj)?;
 
@@ -431,22 +471,27 @@ impl CudaModel {
             LogitsMode::None => None,
             LogitsMode::All => Some(Tensor::from_f32(&[bsz, t, vocab], self.project(&x, n, self.head())?.to_f32_vec()?)?),
             LogitsMode::Last => {
-                let rows: Vec<u32> = (0..bsz)
-                    .map(|b| (b * t + (0..t).rev().find(|&i| batch.mask[b * t + i]).unwrap_or(t - 1)) as u32)
-                    .collect();
-                let rows = DeviceTensor::from_u32(cu, &[bsz], &rows, "last-token rows")?;
-                let mut last = f32t(&[bsz, h], "last-token hidden states")?;
-                embedding::gather(cu, &mut last, &x, &rows)?;
-                let logits = self.project(&last, bsz, self.head())?;
+                // One new token per sequence (every decode step) is its own last row.
+                let logits = if t == 1 {
+                    self.project(&x, bsz, self.head())?
+                } else {
+                    let rows: Vec<u32> = (0..bsz)
+                        .map(|b| (b * t + (0..t).rev().find(|&i| batch.mask[b * t + i]).unwrap_or(t - 1)) as u32)
+                        .collect();
+                    let rows = DeviceTensor::from_u32(cu, &[bsz], &rows, "last-token rows")?;
+                    let mut last = f32t(&[bsz, h], "last-token hidden states")?;
+                    embedding::gather(cu, &mut last, &x, &rows)?;
+                    self.project(&last, bsz, self.head())?
+                };
                 if last_on_device {
-                    (cache.mask, cache.real, cache.len) = (mask, real, past + t);
+                    commit(cache);
                     return Ok((out, Some(logits)));
                 }
                 Some(Tensor::from_f32(&[bsz, vocab], logits.to_f32_vec()?)?)
             }
         };
         out.logits = logits;
-        (cache.mask, cache.real, cache.len) = (mask, real, past + t);
+        commit(cache);
         Ok((out, None))
     }
 }

@@ -11,7 +11,7 @@ use super::ops::lora::{self as lora_ops, DownFactor, Dropout, LowRank};
 use super::ops::loss::{Ids, IlrecInputs, LossPlan};
 use super::ops::{attention, elementwise as ew, embedding, kv, matmul, probe, Gemm};
 use super::{Cuda, DeviceTensor, Elem};
-use crate::backend::cpu::{self, AttentionShape};
+use crate::backend::cpu::AttentionShape;
 use crate::error::{Error, Result};
 use crate::model::{positions, Model};
 use crate::rng::Rng;
@@ -319,10 +319,11 @@ pub fn forward_backward(
     let mut ctx = Ctx { dm, cu, pairs, scale: lora.config.scale(), dropout: if train { lora.config.dropout } else { 0.0 } };
 
     let (pos, _) = positions(batch, &vec![0; bsz]);
-    let (cos, sin) = cpu::rope_tables(&pos, c.head_dim, c.rope_theta);
-    let half = c.head_dim / 2;
-    let cos = DeviceTensor::from_f32(cu, &[n, half], &cos, "RoPE cos table")?;
-    let sin = DeviceTensor::from_f32(cu, &[n, half], &sin, "RoPE sin table")?;
+    // Positions are below t: one table row per position, indexed per token.
+    let (cos, sin) = dm.rope_tables(t)?;
+    let pos: Vec<u32> = pos.iter().map(|&p| p as u32).collect();
+    let pos = DeviceTensor::from_u32(cu, &[n], &pos, "RoPE positions")?;
+    let rope = ew::RopeTables { cos: &cos, sin: &sin, pos: Some(&pos) };
     let key_mask: Vec<u8> = batch.mask.iter().map(|&x| x as u8).collect();
     let key_mask = DeviceTensor::from_u8(cu, &[bsz, t], &key_mask, "key mask")?;
     let tokens = DeviceTensor::from_u32(cu, &[n], &batch.tokens, "token ids")?;
@@ -344,8 +345,8 @@ pub fn forward_backward(
         let (mut k, tk) = ctx.lin_fwd(l, Target::K, &blk.k, &h1_in, n, rng)?;
         let (vv, tv) = ctx.lin_fwd(l, Target::V, &blk.v, &h1_in, n, rng)?;
         drop(h1_in);
-        ew::rope(cu, &mut q, &cos, &sin, c.num_heads, c.head_dim)?;
-        ew::rope(cu, &mut k, &cos, &sin, c.num_kv_heads, c.head_dim)?;
+        ew::rope(cu, &mut q, rope, c.num_heads, c.head_dim)?;
+        ew::rope(cu, &mut k, rope, c.num_kv_heads, c.head_dim)?;
         let mut k_h = f32t(cu, &[bsz, c.num_kv_heads, t, c.head_dim], "tape: keys")?;
         let mut v_h = f32t(cu, &[bsz, c.num_kv_heads, t, c.head_dim], "tape: values")?;
         kv::kv_scatter(cu, &mut k_h, &k, layout)?;
@@ -424,8 +425,8 @@ pub fn forward_backward(
         let mut dv = f32t(cu, &[n, c.kv_dim()], "value gradient rows")?;
         kv::kv_gather(cu, &mut dk, &dk_h, layout)?;
         kv::kv_gather(cu, &mut dv, &dv_h, layout)?;
-        ew::rope_backward(cu, &mut dq, &cos, &sin, c.num_heads, c.head_dim)?;
-        ew::rope_backward(cu, &mut dk, &cos, &sin, c.num_kv_heads, c.head_dim)?;
+        ew::rope_backward(cu, &mut dq, rope, c.num_heads, c.head_dim)?;
+        ew::rope_backward(cu, &mut dk, rope, c.num_kv_heads, c.head_dim)?;
         let mut dh1 = zeros(cu, &[n, h], "input-norm gradient")?;
         ctx.lin_bwd(l, Target::Q, &blk.q, &tp.h1, tq, &dq, n, &mut dh1)?;
         ctx.lin_bwd(l, Target::K, &blk.k, &tp.h1, tk, &dk, n, &mut dh1)?;

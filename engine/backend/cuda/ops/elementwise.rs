@@ -222,52 +222,75 @@ pub fn column_sum(cuda: &Cuda, out: &mut DeviceTensor, input: &DeviceTensor, acc
     unsafe { launch(cuda, STEM, kernel, cfg, &args, &all) }
 }
 
+/// RoPE tables and the optional row-to-table-row indirection of one rotation.
+#[derive(Clone, Copy)]
+pub struct RopeTables<'a> {
+    /// `[table_rows, head_dim / 2]` f32 each (`rope_tables` of some positions).
+    pub cos: &'a DeviceTensor,
+    pub sin: &'a DeviceTensor,
+    /// `[rows]` u32: x's row r uses table row `pos[r]`; `None`: row r (the tables have x's rows).
+    /// A position past the table turns its row into NaN (it is on the device, so it cannot be
+    /// checked here).
+    pub pos: Option<&'a DeviceTensor>,
+}
+
 /// Launches `kernel` (a RoPE entry point already matched to x's type) after checking x
-/// `[rows, n_heads * head_dim]` against the `[rows, head_dim / 2]` f32 tables.
-fn rope_launch(cuda: &Cuda, kernel: &'static str, x: &DeviceTensor, cos: &DeviceTensor, sin: &DeviceTensor, n_heads: usize, head_dim: usize) -> Result<()> {
-    let all: Ops = vec![("x", x), ("cos", cos), ("sin", sin)];
+/// `[rows, n_heads * head_dim]` against the tables.
+fn rope_launch(cuda: &Cuda, kernel: &'static str, x: &DeviceTensor, t: RopeTables<'_>, n_heads: usize, head_dim: usize) -> Result<()> {
+    let mut all: Ops = vec![("x", x), ("cos", t.cos), ("sin", t.sin)];
+    all.extend(t.pos.map(|p| ("pos", p)));
     if head_dim == 0 || !head_dim.is_multiple_of(2) || n_heads == 0 {
         return Err(bad(kernel, &all, format!("needs n_heads > 0 and an even head_dim > 0, got n_heads {n_heads}, head_dim {head_dim}")));
     }
-    expect_elem(kernel, "cos", cos, &[Elem::F32], &all)?;
-    expect_elem(kernel, "sin", sin, &[Elem::F32], &all)?;
+    expect_elem(kernel, "cos", t.cos, &[Elem::F32], &all)?;
+    expect_elem(kernel, "sin", t.sin, &[Elem::F32], &all)?;
     let width = n_heads.checked_mul(head_dim).ok_or_else(|| bad(kernel, &all, "n_heads * head_dim overflows"))?;
     let rows = rows_of(kernel, "x", x, width, &all)?;
     let half = head_dim / 2;
-    expect_len(kernel, "cos", cos, rows * half, &all)?;
-    expect_len(kernel, "sin", sin, rows * half, &all)?;
+    let table_rows = match t.pos {
+        None => rows,
+        Some(p) => {
+            expect_elem(kernel, "pos", p, &[Elem::U32], &all)?;
+            expect_len(kernel, "pos", p, rows, &all)?;
+            rows_of(kernel, "cos", t.cos, half, &all)?
+        }
+    };
+    expect_len(kernel, "cos", t.cos, table_rows * half, &all)?;
+    expect_len(kernel, "sin", t.sin, table_rows * half, &all)?;
     if rows == 0 {
         return Ok(());
     }
     let args = [
         Arg::Ptr(x.ptr()),
-        Arg::Ptr(cos.ptr()),
-        Arg::Ptr(sin.ptr()),
+        Arg::Ptr(t.cos.ptr()),
+        Arg::Ptr(t.sin.ptr()),
+        Arg::Ptr(t.pos.map_or(0, DeviceTensor::ptr)),
         Arg::U32(u32_of(kernel, "rows", rows, &all)?),
+        Arg::U32(u32_of(kernel, "table_rows", table_rows, &all)?),
         Arg::U32(u32_of(kernel, "n_heads", n_heads, &all)?),
         Arg::U32(u32_of(kernel, "head_dim", head_dim, &all)?),
     ];
     // SAFETY: x holds rows * n_heads * head_dim elements of the entry point's type, cos and sin
-    // rows * head_dim/2 f32; the grid-stride loop visits exactly the rows * n_heads * half pairs.
+    // table_rows * head_dim/2 f32, pos (when given) rows u32; the kernel reads a table row only
+    // below table_rows, and the grid-stride loop visits exactly the rows * n_heads * half pairs.
     unsafe { launch(cuda, STEM, kernel, Launch::elements(rows * n_heads * half), &args, &all) }
 }
 
 /// Rotary embedding in place, HF `rotate_half` layout: x `[rows, n_heads * head_dim]` f32 or
-/// bf16; cos, sin `[rows, head_dim / 2]` f32 (row r of the tables rotates row r of x, as
-/// `rope_tables` builds them for each row's position). head_dim must be even.
-pub fn rope(cuda: &Cuda, x: &mut DeviceTensor, cos: &DeviceTensor, sin: &DeviceTensor, n_heads: usize, head_dim: usize) -> Result<()> {
-    let all: Ops = vec![("x", &*x), ("cos", cos), ("sin", sin)];
+/// bf16, rotated by `tables` (see [`RopeTables`]). head_dim must be even.
+pub fn rope(cuda: &Cuda, x: &mut DeviceTensor, tables: RopeTables<'_>, n_heads: usize, head_dim: usize) -> Result<()> {
+    let all: Ops = vec![("x", &*x), ("cos", tables.cos), ("sin", tables.sin)];
     let kernel = entry("rope", "rope_f32", "rope_bf16", "x", x, &all)?;
-    rope_launch(cuda, kernel, x, cos, sin, n_heads, head_dim)
+    rope_launch(cuda, kernel, x, tables, n_heads, head_dim)
 }
 
 /// RoPE backward in place on the f32 gradient `dx` (the rotation by the opposite angle); the
 /// same tables as the forward.
-pub fn rope_backward(cuda: &Cuda, dx: &mut DeviceTensor, cos: &DeviceTensor, sin: &DeviceTensor, n_heads: usize, head_dim: usize) -> Result<()> {
+pub fn rope_backward(cuda: &Cuda, dx: &mut DeviceTensor, tables: RopeTables<'_>, n_heads: usize, head_dim: usize) -> Result<()> {
     let kernel = "rope_backward_f32";
-    let all: Ops = vec![("dx", &*dx), ("cos", cos), ("sin", sin)];
+    let all: Ops = vec![("dx", &*dx), ("cos", tables.cos), ("sin", tables.sin)];
     expect_elem(kernel, "dx", dx, &[Elem::F32], &all)?;
-    rope_launch(cuda, kernel, dx, cos, sin, n_heads, head_dim)
+    rope_launch(cuda, kernel, dx, tables, n_heads, head_dim)
 }
 
 fn swiglu_launch(cuda: &Cuda, out: &DeviceTensor, gate: &DeviceTensor, up: &DeviceTensor, all: &[(&str, &DeviceTensor)]) -> Result<()> {

@@ -77,3 +77,50 @@ pub fn mul_inplace(cuda: &Cuda, x: &mut DeviceTensor, m: &DeviceTensor) -> Resul
     // SAFETY: x and m are f32 tensors of the same element count n, as the kernel reads/writes.
     unsafe { cuda.launch("kv", kernel, Launch::elements(x.numel()), &args, &shape) }
 }
+
+/// The device half of a KV cache's bookkeeping for `t` new tokens per sequence (kv_advance):
+/// writes their RoPE positions `pos [batch * t]` u32, their key-mask columns `past .. past + t`
+/// of `key_mask [batch, cap]` u8 and the new real-token counts `real_out [batch]` u32 from
+/// `real_in`. `mask [batch * t]` u8 (1 = real) or `None` when every new token is real, so a
+/// decode step needs no upload.
+pub fn kv_advance(cuda: &Cuda, pos: &mut DeviceTensor, key_mask: &mut DeviceTensor, real_out: &mut DeviceTensor, real_in: &DeviceTensor, mask: Option<&DeviceTensor>, past: usize) -> Result<()> {
+    let kernel = "kv_advance";
+    let mut all = vec![("pos", &*pos), ("key_mask", &*key_mask), ("real_out", &*real_out), ("real_in", real_in)];
+    all.extend(mask.map(|m| ("mask", m)));
+    for (name, t) in [("pos", &*pos), ("real_out", &*real_out), ("real_in", real_in)] {
+        expect_elem(kernel, name, t, &[Elem::U32], &all)?;
+    }
+    expect_elem(kernel, "key_mask", key_mask, &[Elem::U8], &all)?;
+    let batch = real_in.numel();
+    expect_len(kernel, "real_out", real_out, batch, &all)?;
+    let (t, cap) = match (key_mask.shape(), batch) {
+        (&[b, cap], _) if b == batch => (pos.numel().checked_div(batch).unwrap_or(0), cap),
+        _ => return Err(bad(kernel, &all, format!("key_mask must be [{batch}, cap]"))),
+    };
+    expect_len(kernel, "pos", pos, batch * t, &all)?;
+    if let Some(m) = mask {
+        expect_elem(kernel, "mask", m, &[Elem::U8], &all)?;
+        expect_len(kernel, "mask", m, batch * t, &all)?;
+    }
+    if past + t > cap {
+        return Err(bad(kernel, &all, format!("{past} stored + {t} new tokens exceed the cache's {cap}")));
+    }
+    if batch == 0 {
+        return Ok(());
+    }
+    let args = [
+        Arg::Ptr(pos.ptr()),
+        Arg::Ptr(key_mask.ptr()),
+        Arg::Ptr(real_out.ptr()),
+        Arg::Ptr(real_in.ptr()),
+        Arg::Ptr(mask.map_or(0, DeviceTensor::ptr)),
+        Arg::U32(u32_of(kernel, "batch", batch, &all)?),
+        Arg::U32(u32_of(kernel, "t", t, &all)?),
+        Arg::U32(u32_of(kernel, "past", past, &all)?),
+        Arg::U32(u32_of(kernel, "cap", cap, &all)?),
+    ];
+    let shape = || super::describe(&all);
+    // SAFETY: pos (and mask, when given) hold batch * t elements, real_in/real_out batch, and
+    // key_mask batch * cap with past + t <= cap: every index the kernel forms is inside them.
+    unsafe { cuda.launch("kv", kernel, Launch::elements(batch), &args, &shape) }
+}

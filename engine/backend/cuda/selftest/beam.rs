@@ -230,5 +230,30 @@ pub(super) fn decode(c: &mut Checker) -> Result<()> {
         c.rows.push(CheckRow { kernel: "device beam search (recommend_cuda): item mismatches".into(), shape: shape.clone(), err: bad as f64, tol: TOL_EXACT, ms });
         c.record("device beam search (recommend_cuda): scores", shape, &gs, &ws, TOL_F32, ms);
     }
+    step_copies(c, &dm, &prompts)
+}
+
+/// The decode loop's steps copy nothing between host and device: a search over items of 5
+/// tokens makes exactly the copies of one over items of 2 (prefill, state, the fan-out to the
+/// beams and the final download), so steps 2 to 4 add none.
+fn step_copies(c: &mut Checker, dm: &CudaModel, prompts: &[Vec<u32>]) -> Result<()> {
+    let vocab = crate::model::Decoder::config(dm).vocab_size;
+    let opts = BeamOptions { beam: 20, top_k: 10, max_rows: 1 << 20 };
+    let mut copies = Vec::new();
+    for len in [2usize, 5] {
+        let mut seen = BTreeSet::new();
+        while seen.len() < 300 {
+            seen.insert((0..len).map(|_| c.rng.below(vocab) as u32).collect::<Vec<u32>>());
+        }
+        let items: Vec<Vec<u32>> = seen.into_iter().collect();
+        let trie = FlatTrie::new(&ItemTrie::new(&items).expect("distinct items of one length"), vocab).expect("tokens in the vocabulary");
+        let dtrie = DeviceTrie::new(c.cuda, &trie)?;
+        let before = c.cuda.transfers();
+        recommend_cuda(dm, &dtrie, prompts, &opts)?;
+        copies.push(c.cuda.transfers().since(&before));
+    }
+    let count = |t: &crate::backend::cuda::TransferStats| [t.htod as f32, t.dtoh as f32];
+    let shape = format!("{} users, beam 20, items of 2 vs 5 tokens: {:?} vs {:?}", prompts.len(), copies[0], copies[1]);
+    c.record("device beam search: host/device copies added by steps 2..4", shape, &count(&copies[1]), &count(&copies[0]), TOL_EXACT, 0.0);
     Ok(())
 }

@@ -79,7 +79,8 @@ pub(super) fn check(c: &mut Checker) -> Result<()> {
     }
     for e in [Elem::F32, Elem::BF16] {
         for &(rows, heads, hd) in &ROPE_SHAPES {
-            rope(c, e, rows, heads, hd)?;
+            rope(c, e, rows, heads, hd, false)?;
+            rope(c, e, rows, heads, hd, true)?;
         }
     }
     for &(rows, heads, hd) in &ROPE_SHAPES {
@@ -241,23 +242,46 @@ fn tables(rows: usize, head_dim: usize) -> (Vec<f32>, Vec<f32>) {
     cpu::rope_tables(&positions, head_dim, THETA)
 }
 
-fn rope(c: &mut Checker, e: Elem, rows: usize, n_heads: usize, head_dim: usize) -> Result<()> {
+/// RoPE forward with per-row tables, or (`indexed`) with a shared position table and a u32
+/// position per row, as the KV cache uses it; then the last row's position is put one past the
+/// table, which must turn exactly that row into NaN.
+fn rope(c: &mut Checker, e: Elem, rows: usize, n_heads: usize, head_dim: usize, indexed: bool) -> Result<()> {
     let cuda = c.cuda;
-    let name = format!("rope_{}", suffix(e));
+    let name = format!("rope_{}{}", suffix(e), if indexed { " (position table)" } else { "" });
     let width = n_heads * head_dim;
+    let half = head_dim / 2;
     let shape = format!("[{rows}, {n_heads} x {head_dim}]");
     let x = input(c, rows * width, 1.0, e);
-    let (cos, sin) = tables(rows, head_dim);
+    let table_rows = if indexed { rows / 2 + 3 } else { rows };
+    let positions: Vec<usize> = match indexed {
+        true => (0..rows).map(|_| c.rng.below(table_rows)).collect(),
+        false => (0..rows).collect(),
+    };
+    let (cos, sin) = cpu::rope_tables(&positions, head_dim, THETA);
     let mut reference = x.clone();
     cpu::rope_inplace(&mut reference, n_heads, head_dim, &cos, &sin);
 
     let mut xd = DeviceTensor::from_f32_in(cuda, &[rows, width], &x, e, "x")?;
-    let cd = DeviceTensor::from_f32(cuda, &[rows, head_dim / 2], &cos, "cos")?;
-    let sd = DeviceTensor::from_f32(cuda, &[rows, head_dim / 2], &sin, "sin")?;
-    ops::rope(cuda, &mut xd, &cd, &sd, n_heads, head_dim)?;
+    let (cos, sin) = tables(table_rows, head_dim);
+    let cd = DeviceTensor::from_f32(cuda, &[table_rows, half], &cos, "cos")?;
+    let sd = DeviceTensor::from_f32(cuda, &[table_rows, half], &sin, "sin")?;
+    let mut pos: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+    let pd = DeviceTensor::from_u32(cuda, &[rows], &pos, "pos")?;
+    let t = ops::RopeTables { cos: &cd, sin: &sd, pos: indexed.then_some(&pd) };
+    ops::rope(cuda, &mut xd, t, n_heads, head_dim)?;
     let out = xd.to_f32_vec()?;
-    let ms = c.time(TIMING_REPS, || ops::rope(cuda, &mut xd, &cd, &sd, n_heads, head_dim))?;
-    c.record(&name, shape, &out, &reference, tol(e), ms);
+    let ms = c.time(TIMING_REPS, || ops::rope(cuda, &mut xd, t, n_heads, head_dim))?;
+    c.record(&name, shape.clone(), &out, &reference, tol(e), ms);
+    if indexed && rows > 0 {
+        *pos.last_mut().expect("rows > 0") = table_rows as u32;
+        let pd = DeviceTensor::from_u32(cuda, &[rows], &pos, "pos")?;
+        let mut xd = DeviceTensor::from_f32_in(cuda, &[rows, width], &x, e, "x")?;
+        ops::rope(cuda, &mut xd, ops::RopeTables { pos: Some(&pd), ..t }, n_heads, head_dim)?;
+        // 1 where the output is NaN: the last row only.
+        let nan: Vec<f32> = xd.to_f32_vec()?.iter().map(|v| v.is_nan() as u8 as f32).collect();
+        let want: Vec<f32> = (0..rows * width).map(|i| (i >= (rows - 1) * width) as u8 as f32).collect();
+        c.record(&format!("rope_{} (position past the table is NaN)", suffix(e)), shape, &nan, &want, 0.0, 0.0);
+    }
     Ok(())
 }
 
@@ -275,9 +299,10 @@ fn rope_backward(c: &mut Checker, rows: usize, n_heads: usize, head_dim: usize) 
     let mut dd = DeviceTensor::from_f32(cuda, &[rows, width], &dx, "dx")?;
     let cd = DeviceTensor::from_f32(cuda, &[rows, head_dim / 2], &cos, "cos")?;
     let sd = DeviceTensor::from_f32(cuda, &[rows, head_dim / 2], &sin, "sin")?;
-    ops::rope_backward(cuda, &mut dd, &cd, &sd, n_heads, head_dim)?;
+    let t = ops::RopeTables { cos: &cd, sin: &sd, pos: None };
+    ops::rope_backward(cuda, &mut dd, t, n_heads, head_dim)?;
     let out = dd.to_f32_vec()?;
-    let ms = c.time(TIMING_REPS, || ops::rope_backward(cuda, &mut dd, &cd, &sd, n_heads, head_dim))?;
+    let ms = c.time(TIMING_REPS, || ops::rope_backward(cuda, &mut dd, t, n_heads, head_dim))?;
     c.record("rope_backward_f32", shape, &out, &reference, TOL_F32, ms);
     Ok(())
 }
