@@ -73,3 +73,52 @@ fn launches_are_checked_against_the_kernels_signature() {
     let m = msg(unsafe { cuda.launch("elementwise", "rms_norm_backward_dw_partial_f32", over, &args, &shape) });
     assert!(m.contains("__launch_bounds__ allows 256"), "{m}");
 }
+
+/// Every attention launcher (plain and flash, forward and backward) checks its operands before
+/// launching: a wrong length, element type or cache layout is an error naming the kernel and
+/// the operand, and correct operands of the same shapes pass.
+#[test]
+fn attention_launchers_check_their_operands() {
+    use ilrec::backend::cpu::AttentionShape;
+    use ilrec::backend::cuda::ops::attention as att;
+    use ilrec::backend::cuda::{DeviceTensor, Elem};
+    let Some(cuda) = emulated("attention_launchers_check_their_operands") else { return };
+    let s = AttentionShape { batch: 2, tq: 3, past: 0, cap: 3, n_heads: 4, n_kv_heads: 2, head_dim: 64 };
+    let t = |shape: &[usize], e: Elem| DeviceTensor::zeros(&cuda, shape, e, "operand").unwrap();
+    let q_shape = [s.batch * s.tq, s.n_heads * s.head_dim];
+    let kv_shape = [s.batch, s.n_kv_heads, s.cap, s.head_dim];
+    let lse_shape = [s.batch, s.n_heads, s.tq];
+    let mask = t(&[s.batch, s.cap], Elem::U8);
+    let err = |r: ilrec::error::Result<()>| r.expect_err("must be rejected").to_string();
+    for (e, flash) in [(Elem::F32, false), (Elem::BF16, false), (Elem::BF16, true)] {
+        let (q, k, v) = (t(&q_shape, e), t(&kv_shape, e), t(&kv_shape, e));
+        let out_elem = if flash { Elem::F32 } else { e };
+        let (mut out, mut lse) = (t(&q_shape, out_elem), t(&lse_shape, Elem::F32));
+        let fwd = |out: &mut DeviceTensor, lse: &mut DeviceTensor, k: &DeviceTensor, mask: &DeviceTensor, s: AttentionShape| match flash {
+            true => att::flash_attention_forward(&cuda, out, lse, &q, k, &v, mask, s),
+            false => att::attention_forward(&cuda, out, lse, &q, k, &v, mask, s),
+        };
+        fwd(&mut out, &mut lse, &k, &mask, s).expect("correct operands");
+        let kernel = if flash { "flash_attn_fwd" } else { "attention_fwd" };
+        let m = err(fwd(&mut out, &mut lse, &t(&[s.batch, s.n_kv_heads, s.cap + 1, s.head_dim], e), &mask, s));
+        assert!(m.contains(kernel) && m.contains("`k`"), "{m}");
+        let m = err(fwd(&mut out, &mut lse, &k, &t(&[s.batch, s.cap], Elem::F32), s));
+        assert!(m.contains(kernel) && m.contains("key_mask"), "{m}");
+        let m = err(fwd(&mut out, &mut t(&[s.batch, s.n_heads, s.tq + 1], Elem::F32), &k, &mask, s));
+        assert!(m.contains(kernel) && m.contains("lse"), "{m}");
+
+        let (mut dq, mut dk, dout) = (t(&q_shape, Elem::F32), t(&kv_shape, Elem::F32), t(&q_shape, Elem::F32));
+        let bwd = |dq: &mut DeviceTensor, dk: &mut DeviceTensor, dout: &DeviceTensor, s: AttentionShape| match flash {
+            true => att::flash_attention_backward(&cuda, dq, dk, &mut t(&kv_shape, Elem::F32), dout, &q, &k, &v, &out, &lse, &mask, s),
+            false => att::attention_backward(&cuda, dq, dk, &mut t(&kv_shape, Elem::F32), dout, &q, &k, &v, &out, &lse, &mask, s),
+        };
+        bwd(&mut dq, &mut dk, &dout, s).expect("correct operands");
+        let kernel = if flash { "flash_attn_bwd" } else { "attention_bwd" };
+        let m = err(bwd(&mut dq, &mut dk, &t(&q_shape, Elem::BF16), s));
+        assert!(m.contains(kernel) && m.contains("dout"), "{m}");
+        let m = err(bwd(&mut dq, &mut t(&[1], Elem::F32), &dout, s));
+        assert!(m.contains(kernel) && m.contains("dk"), "{m}");
+        let m = err(bwd(&mut dq, &mut dk, &dout, AttentionShape { past: 1, cap: 4, ..s }));
+        assert!(m.contains(kernel) && m.contains("past == 0"), "{m}");
+    }
+}

@@ -88,6 +88,51 @@ fn same_float_elem(kernel: &str, names: &[(&str, &DeviceTensor)], all: &[(&str, 
     Ok(t0.elem())
 }
 
+/// The checks every forward launcher shares, on `all` = `[out, lse, q, k, v, key_mask]`: each
+/// operand's length for `s`, `lse` f32, `key_mask` u8 (q, k, v and out's element types are the
+/// caller's: the plain and flash kernels take different ones).
+fn check_forward(name: &str, s: AttentionShape, all: &[(&str, &DeviceTensor); 6]) -> Result<()> {
+    let [(_, out), (_, lse), (_, q), (_, k), (_, v), (_, key_mask)] = *all;
+    expect_elem(name, "lse", lse, &[Elem::F32], all)?;
+    expect_elem(name, "key_mask", key_mask, &[Elem::U8], all)?;
+    let AttentionShape { batch, tq, cap, n_heads, n_kv_heads, head_dim: d, .. } = s;
+    let q_len = numel(name, &[batch, tq, n_heads, d], all)?;
+    let kv_len = numel(name, &[batch, n_kv_heads, cap, d], all)?;
+    for (n, x) in [("q", q), ("out", out)] {
+        expect_len(name, n, x, q_len, all)?;
+    }
+    for (n, x) in [("k", k), ("v", v)] {
+        expect_len(name, n, x, kv_len, all)?;
+    }
+    expect_len(name, "key_mask", key_mask, numel(name, &[batch, cap], all)?, all)?;
+    expect_len(name, "lse", lse, numel(name, &[batch, n_heads, tq], all)?, all)
+}
+
+/// The checks every backward launcher shares, on `all` =
+/// `[dq, dk, dv, dout, q, k, v, out, lse, key_mask]`: a whole sequence (`past == 0`,
+/// `cap == tq`), each operand's length, the gradients, `dout` and `lse` f32, `key_mask` u8.
+fn check_backward(name: &str, s: AttentionShape, all: &[(&str, &DeviceTensor); 10]) -> Result<()> {
+    let [(_, dq), (_, dk), (_, dv), (_, dout), (_, q), (_, k), (_, v), (_, out), (_, lse), (_, key_mask)] = *all;
+    if s.past != 0 || s.cap != s.tq {
+        return Err(bad(name, all, format!("the backward needs past == 0 and cap == tq (past {}, cap {}, tq {})", s.past, s.cap, s.tq)));
+    }
+    for (n, t) in [("dq", dq), ("dk", dk), ("dv", dv), ("dout", dout), ("lse", lse)] {
+        expect_elem(name, n, t, &[Elem::F32], all)?;
+    }
+    expect_elem(name, "key_mask", key_mask, &[Elem::U8], all)?;
+    let AttentionShape { batch, tq: t, n_heads, n_kv_heads, head_dim: d, .. } = s;
+    let q_len = numel(name, &[batch, t, n_heads, d], all)?;
+    let kv_len = numel(name, &[batch, n_kv_heads, t, d], all)?;
+    for (n, x) in [("dq", dq), ("dout", dout), ("q", q), ("out", out)] {
+        expect_len(name, n, x, q_len, all)?;
+    }
+    for (n, x) in [("dk", dk), ("dv", dv), ("k", k), ("v", v)] {
+        expect_len(name, n, x, kv_len, all)?;
+    }
+    expect_len(name, "lse", lse, numel(name, &[batch, n_heads, t], all)?, all)?;
+    expect_len(name, "key_mask", key_mask, numel(name, &[batch, t], all)?, all)
+}
+
 /// `out = softmax(q k^T / sqrt(d) + causal/padding mask) v` per sequence and head, and the rows'
 /// log-sum-exp (`-inf` for a query that sees no key; its output row is zeros), as
 /// [`crate::backend::cpu::attention`]. Query `i` of sequence `b` sees key `j` iff
@@ -112,18 +157,8 @@ pub fn attention_forward(
     let all = [("out", &*out), ("lse", &*lse), ("q", q), ("k", k), ("v", v), ("key_mask", key_mask)];
     let z = sizes(name, s, &all)?;
     let elem = same_float_elem(name, &[("q", q), ("k", k), ("v", v), ("out", &*out)], &all)?;
-    expect_elem(name, "lse", lse, &[Elem::F32], &all)?;
-    expect_elem(name, "key_mask", key_mask, &[Elem::U8], &all)?;
-    let AttentionShape { batch, tq, cap, n_heads, n_kv_heads, head_dim: d, .. } = s;
-    let q_len = numel(name, &[batch, tq, n_heads, d], &all)?;
-    let kv_len = numel(name, &[batch, n_kv_heads, cap, d], &all)?;
-    expect_len(name, "q", q, q_len, &all)?;
-    expect_len(name, "out", out, q_len, &all)?;
-    expect_len(name, "k", k, kv_len, &all)?;
-    expect_len(name, "v", v, kv_len, &all)?;
-    expect_len(name, "key_mask", key_mask, numel(name, &[batch, cap], &all)?, &all)?;
-    expect_len(name, "lse", lse, numel(name, &[batch, n_heads, tq], &all)?, &all)?;
-    if batch == 0 || tq == 0 {
+    check_forward(name, s, &all)?;
+    if s.batch == 0 || s.tq == 0 {
         return Ok(());
     }
     let kernel = match elem {
@@ -199,26 +234,9 @@ pub fn attention_backward(
         ("key_mask", key_mask),
     ];
     let z = sizes(name, s, &all)?;
-    if s.past != 0 || s.cap != s.tq {
-        return Err(bad(name, &all, format!("the backward needs past == 0 and cap == tq (past {}, cap {}, tq {})", s.past, s.cap, s.tq)));
-    }
     let elem = same_float_elem(name, &[("q", q), ("k", k), ("v", v), ("out", out)], &all)?;
-    for (n, t) in [("dq", &*dq), ("dk", &*dk), ("dv", &*dv), ("dout", dout), ("lse", lse)] {
-        expect_elem(name, n, t, &[Elem::F32], &all)?;
-    }
-    expect_elem(name, "key_mask", key_mask, &[Elem::U8], &all)?;
-    let AttentionShape { batch, tq: t, n_heads, n_kv_heads, head_dim: d, .. } = s;
-    let q_len = numel(name, &[batch, t, n_heads, d], &all)?;
-    let kv_len = numel(name, &[batch, n_kv_heads, t, d], &all)?;
-    let stat_len = numel(name, &[batch, n_heads, t], &all)?;
-    for (n, x) in [("dq", &*dq), ("dout", dout), ("q", q), ("out", out)] {
-        expect_len(name, n, x, q_len, &all)?;
-    }
-    for (n, x) in [("dk", &*dk), ("dv", &*dv), ("k", k), ("v", v)] {
-        expect_len(name, n, x, kv_len, &all)?;
-    }
-    expect_len(name, "lse", lse, stat_len, &all)?;
-    expect_len(name, "key_mask", key_mask, numel(name, &[batch, t], &all)?, &all)?;
+    check_backward(name, s, &all)?;
+    let AttentionShape { batch, tq: t, n_heads, .. } = s;
     if batch == 0 || t == 0 {
         return Ok(());
     }
@@ -401,20 +419,11 @@ pub fn flash_attention_forward_splits(
     for (n, t) in [("q", q), ("k", k), ("v", v)] {
         expect_elem(name, n, t, &[Elem::BF16], &all)?;
     }
-    for (n, t) in [("out", &*out), ("lse", &*lse)] {
-        expect_elem(name, n, t, &[Elem::F32], &all)?;
-    }
-    expect_elem(name, "key_mask", key_mask, &[Elem::U8], &all)?;
-    let AttentionShape { batch, tq, past, cap, n_heads, n_kv_heads, head_dim: d } = s;
-    let q_len = numel(name, &[batch, tq, n_heads, d], &all)?;
-    let kv_len = numel(name, &[batch, n_kv_heads, cap, d], &all)?;
-    let lse_len = numel(name, &[batch, n_heads, tq], &all)?;
-    expect_len(name, "q", q, q_len, &all)?;
-    expect_len(name, "out", out, q_len, &all)?;
-    expect_len(name, "k", k, kv_len, &all)?;
-    expect_len(name, "v", v, kv_len, &all)?;
-    expect_len(name, "key_mask", key_mask, numel(name, &[batch, cap], &all)?, &all)?;
-    expect_len(name, "lse", lse, lse_len, &all)?;
+    expect_elem(name, "out", out, &[Elem::F32], &all)?;
+    check_forward(name, s, &all)?;
+    let AttentionShape { batch, tq, past, n_heads, n_kv_heads, head_dim: d, .. } = s;
+    // Checked: out has the queries' rows, lse their statistics.
+    let (q_len, lse_len) = (out.numel(), lse.numel());
     if !(1..=FLASH_MAX_SPLITS).contains(&splits) {
         return Err(bad(name, &all, format!("splits {splits} must be in 1..={FLASH_MAX_SPLITS}")));
     }
@@ -529,27 +538,12 @@ pub fn flash_attention_backward(
         ("key_mask", key_mask),
     ];
     let z = flash_sizes(name, s, &all)?;
-    if s.past != 0 || s.cap != s.tq {
-        return Err(bad(name, &all, format!("the backward needs past == 0 and cap == tq (past {}, cap {}, tq {})", s.past, s.cap, s.tq)));
-    }
     for (n, t) in [("q", q), ("k", k), ("v", v)] {
         expect_elem(name, n, t, &[Elem::BF16], &all)?;
     }
-    for (n, t) in [("dq", &*dq), ("dk", &*dk), ("dv", &*dv), ("dout", dout), ("out", out), ("lse", lse)] {
-        expect_elem(name, n, t, &[Elem::F32], &all)?;
-    }
-    expect_elem(name, "key_mask", key_mask, &[Elem::U8], &all)?;
-    let AttentionShape { batch, tq: t, n_heads, n_kv_heads, head_dim: d, .. } = s;
-    let q_len = numel(name, &[batch, t, n_heads, d], &all)?;
-    let kv_len = numel(name, &[batch, n_kv_heads, t, d], &all)?;
-    for (n, x) in [("dq", &*dq), ("dout", dout), ("q", q), ("out", out)] {
-        expect_len(name, n, x, q_len, &all)?;
-    }
-    for (n, x) in [("dk", &*dk), ("dv", &*dv), ("k", k), ("v", v)] {
-        expect_len(name, n, x, kv_len, &all)?;
-    }
-    expect_len(name, "lse", lse, numel(name, &[batch, n_heads, t], &all)?, &all)?;
-    expect_len(name, "key_mask", key_mask, numel(name, &[batch, t], &all)?, &all)?;
+    expect_elem(name, "out", out, &[Elem::F32], &all)?;
+    check_backward(name, s, &all)?;
+    let AttentionShape { batch, tq: t, n_heads, head_dim: d, .. } = s;
     if batch == 0 || t == 0 {
         return Ok(());
     }
