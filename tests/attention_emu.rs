@@ -11,6 +11,7 @@ use common::rel_err;
 use ilrec::backend::cpu::{attention, attention_backward, AttentionShape};
 // N(0, scale^2) with 1 in 64 values x30 (outliers), as the self-test draws.
 use ilrec::backend::cuda::selftest::random_outliers as random;
+use ilrec::backend::cuda::selftest::attention::reference_lse;
 use ilrec::rng::Rng;
 
 const TOL_BF16: f64 = 1e-2;
@@ -55,33 +56,6 @@ fn inner(d: usize) -> usize {
     } else {
         64
     }
-}
-
-/// Log-sum-exp per (sequence, head, query) in f64, -inf where the query sees no key.
-fn reference_lse(q: &[f32], k: &[f32], key_mask: &[bool], s: AttentionShape) -> Vec<f32> {
-    let AttentionShape { batch, tq, past, cap, n_heads, n_kv_heads, head_dim: d } = s;
-    let group = n_heads / n_kv_heads;
-    let scale = f64::from(1.0 / (d as f32).sqrt());
-    let mut out = vec![0.0f32; batch * n_heads * tq];
-    for b in 0..batch {
-        for h in 0..n_heads {
-            let kv = (b * n_kv_heads + h / group) * cap * d;
-            for i in 0..tq {
-                let qr = &q[(b * tq + i) * n_heads * d + h * d..][..d];
-                let scores: Vec<f64> = (0..=past + i)
-                    .filter(|&j| key_mask[b * cap + j])
-                    .map(|j| qr.iter().zip(&k[kv + j * d..][..d]).map(|(&a, &x)| f64::from(a) * f64::from(x)).sum::<f64>() * scale)
-                    .collect();
-                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                out[(b * n_heads + h) * tq + i] = if scores.is_empty() {
-                    f32::NEG_INFINITY
-                } else {
-                    (max + scores.iter().map(|x| (x - max).exp()).sum::<f64>().ln()) as f32
-                };
-            }
-        }
-    }
-    out
 }
 
 /// Compares lse rows: both -inf, or both finite within the f32 tolerance.

@@ -6,6 +6,7 @@ mod common;
 use common::emu::{bf16_bits, bf16_f32, dim, Emu, Schedule};
 use common::rel_err;
 use ilrec::backend::cpu::{attention, attention_backward, AttentionShape};
+use ilrec::backend::cuda::selftest::attention::reference_lse;
 use ilrec::rng::Rng;
 use std::ptr::null;
 
@@ -93,33 +94,6 @@ fn attn_cases() -> Vec<AttnCase> {
         // d 130: the 256-thread block.
         AttnCase { s: sh(1, 6, 0, 6, 2, 1, 130), off: vec![vec![2]] },
     ]
-}
-
-/// Log-sum-exp per (sequence, head, query) in f64, -inf where the query sees no key.
-fn reference_lse(q: &[f32], k: &[f32], key_mask: &[bool], s: AttentionShape) -> Vec<f32> {
-    let AttentionShape { batch, tq, past, cap, n_heads, n_kv_heads, head_dim: d } = s;
-    let group = n_heads / n_kv_heads;
-    let scale = f64::from(1.0 / (d as f32).sqrt());
-    let mut out = vec![0.0f32; batch * n_heads * tq];
-    for b in 0..batch {
-        for h in 0..n_heads {
-            let kv = (b * n_kv_heads + h / group) * cap * d;
-            for i in 0..tq {
-                let qr = &q[(b * tq + i) * n_heads * d + h * d..][..d];
-                let scores: Vec<f64> = (0..=past + i)
-                    .filter(|&j| key_mask[b * cap + j])
-                    .map(|j| qr.iter().zip(&k[kv + j * d..][..d]).map(|(&a, &x)| f64::from(a) * f64::from(x)).sum::<f64>() * scale)
-                    .collect();
-                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                out[(b * n_heads + h) * tq + i] = if scores.is_empty() {
-                    f32::NEG_INFINITY
-                } else {
-                    (max + scores.iter().map(|x| (x - max).exp()).sum::<f64>().ln()) as f32
-                };
-            }
-        }
-    }
-    out
 }
 
 fn attention_case<T: Storage>(k: &Emu, case: &AttnCase, rng: &mut Rng) {

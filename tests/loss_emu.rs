@@ -10,11 +10,11 @@ mod common;
 use common::emu::{bf16_bits, bf16_f32, dim, Emu, Schedule};
 use common::rel_err;
 use ilrec::backend::cuda::ops::loss::{row_flags, row_stats};
-use ilrec::backend::cpu::{matmul_nn, matmul_nt, rms_norm, rms_norm_backward};
+use ilrec::backend::cpu::{matmul_nt, rms_norm, rms_norm_backward};
 // N(0, scale^2) with 1 in 64 values x30 (outliers), as the self-test draws.
-use ilrec::backend::cuda::selftest::random_outliers as random;
+use ilrec::backend::cuda::selftest::{loss, random_outliers as random};
 use ilrec::rng::Rng;
-use ilrec::train::loss::{ilrec_loss, sft_loss, CpdDirection, IlrecParams, LossRows, LossStats, NegSource, NegWeight};
+use ilrec::train::loss::{CpdDirection, IlrecParams, LossStats, NegSource, NegWeight};
 use std::ptr::{null, null_mut};
 
 const NONE: u32 = u32::MAX;
@@ -102,18 +102,12 @@ type DlogitsFn = unsafe extern "C" fn(
 );
 type DhiddenFn = unsafe extern "C" fn(*mut f32, *const u16, *const u16, u32, u32, u32, u32, u32);
 
+/// The self-test's case (shape and switches) with the kernel pipeline's split sizes.
 struct Case {
-    m: usize,
-    h: usize,
-    vocab: usize,
-    s: usize,
-    k: usize,
-    ntrain: usize,
-    params: IlrecParams,
+    base: loss::Case,
     /// Vocabulary tiles per split of pass 1 and columns per gradient chunk (small, so both loop).
     tiles_per_split: usize,
     chunk: usize,
-    all_ignored: bool,
 }
 
 struct Out {
@@ -125,7 +119,7 @@ struct Out {
 
 #[allow(clippy::too_many_arguments)]
 fn run_fused(emu: &Emu, cs: &Case, normed: &[f32], head: &[f32], targets: &[u32], item: &[bool], cands: &[u32], trainable: &[u32], probe: &[f32], rewards: &[f32], norm: f64) -> Out {
-    let Case { m, h, vocab: v, s, k, ntrain, params: p, .. } = *cs;
+    let loss::Case { m, h, vocab: v, s, k, ntrain, params: p, .. } = cs.base;
     let a = to_bf16(normed);
     let w = to_bf16(head);
     let mut colmap = vec![NONE; v];
@@ -212,109 +206,37 @@ fn run_fused(emu: &Emu, cs: &Case, normed: &[f32], head: &[f32], targets: &[u32]
 }
 
 fn loss_case(emu: &Emu, cs: Case, seed: u64) {
-    let mut rng = Rng::new(seed);
-    let Case { m, h, vocab, s, k, ntrain, params, all_ignored, .. } = cs;
-    let normed = held(&random(&mut rng, m * h, 1.0));
-    // Outliers in the rows only: outliers on both sides give logit gaps past f64's exp range, where
-    // the reverse KL is infinite on the CPU too.
-    let head: Vec<f32> = (0..vocab * h).map(|_| bf16_f32(bf16_bits(rng.normal() * 2.0 / (h as f32).sqrt()))).collect();
-    let cands = distinct(&mut rng, s, vocab);
-    let mut item = vec![false; m];
-    let mut targets: Vec<u32> = (0..m).map(|_| rng.below(vocab) as u32).collect();
-    if s > 0 {
-        for r in 0..m {
-            if rng.below(3) != 0 {
-                item[r] = true;
-                targets[r] = cands[rng.below(s)];
-            }
-        }
-    }
-    for r in (3..m).step_by(7) {
-        targets[r] = NONE;
-    }
-    if all_ignored {
-        targets.fill(NONE);
-    }
-    let mut probe = random(&mut rng, k * m * s, 2.0);
-    if s > 0 && item[0] {
-        let jy = cands.iter().position(|&x| x == targets[0]).unwrap();
-        for l in 0..k {
-            probe[l * m * s + jy] += 40.0; // row 0: empty V_N
-        }
-    }
-    let rewards = random(&mut rng, m * s, 1.0);
-    let mut trainable = distinct(&mut rng, ntrain, vocab);
-    for (i, &x) in cands.iter().take(ntrain / 2).enumerate() {
-        if !trainable.contains(&x) {
-            trainable[i] = x;
-        }
-    }
-    let kept: Vec<usize> = (0..m).filter(|&r| targets[r] != NONE).collect();
-    let norm = kept.len() as f64 + 3.0;
-
-    // CPU reference on the kept rows.
-    let mut logits = vec![0.0f32; m * vocab];
-    matmul_nt(&mut logits, vocab, &normed, h, &head, h, m, vocab, h, false);
-    let pick = |x: &[f32], w: usize| -> Vec<f32> { kept.iter().flat_map(|&r| x[r * w..(r + 1) * w].iter().copied()).collect() };
-    let kl = pick(&logits, vocab);
-    let kt: Vec<u32> = kept.iter().map(|&r| targets[r]).collect();
-    let (stats, d_final, d_probe) = if kept.is_empty() {
-        (LossStats::default(), vec![], vec![])
-    } else if s == 0 {
-        let (st, d) = sft_loss(&kl, vocab, &kt, norm).unwrap();
-        (st, d, vec![])
-    } else {
-        let layers: Vec<Vec<f32>> = (0..k).map(|l| pick(&probe[l * m * s..(l + 1) * m * s], s)).collect();
-        let refs: Vec<&[f32]> = layers.iter().map(Vec::as_slice).collect();
-        let ki: Vec<bool> = kept.iter().map(|&r| item[r]).collect();
-        let kr = pick(&rewards, s);
-        let rows = LossRows { final_logits: &kl, vocab, targets: &kt, item_mask: &ki, probe_logits: &refs, candidates: &cands, rewards: Some(&kr) };
-        let (st, g) = ilrec_loss(&rows, &params, norm).unwrap();
-        (st, g.d_final, g.d_probe)
-    };
-    let mut dn_ref = vec![0.0f32; m * h];
-    let mut dt_ref = vec![0.0f32; m * ntrain];
-    let mut dp_ref = vec![0.0f32; k * m * s];
-    if !kept.is_empty() {
-        let mut dn = vec![0.0f32; kept.len() * h];
-        matmul_nn(&mut dn, h, &d_final, vocab, &head, h, kept.len(), h, vocab, false);
-        for (i, &r) in kept.iter().enumerate() {
-            dn_ref[r * h..(r + 1) * h].copy_from_slice(&dn[i * h..(i + 1) * h]);
-            for (j, &t) in trainable.iter().enumerate() {
-                dt_ref[r * ntrain + j] = d_final[i * vocab + t as usize];
-            }
-            for l in 0..k {
-                dp_ref[(l * m + r) * s..(l * m + r + 1) * s].copy_from_slice(&d_probe[l][i * s..(i + 1) * s]);
-            }
-        }
-    }
-
-    let got = run_fused(emu, &cs, &normed, &head, &targets, &item, &cands, &trainable, &probe, &rewards, norm);
+    let loss::Case { m, h, vocab, s, k, .. } = cs.base;
+    // Inputs and the CPU reference as the self-test builds them (engine/backend/cuda/selftest/loss.rs).
+    let d = loss::make(&mut Rng::new(seed), cs.base).unwrap();
+    let got = run_fused(emu, &cs, &d.normed, &d.head, &d.targets, &d.item, &d.candidates, &d.trainable, &d.probe, &d.rewards, d.norm);
     let sv = |s: &LossStats| -> Vec<f32> { [s.loss, s.cpo, s.cpd, s.crr, s.ce].iter().map(|&v| v as f32).collect() };
     let label = format!("m {m} h {h} V {vocab} S {s} k {k}");
-    println!("{label}: loss {:.6} (cpu {:.6}), |V_N| {} (cpu {})", got.stats.loss, stats.loss, got.stats.negatives, stats.negatives);
+    println!("{label}: loss {:.6} (cpu {:.6}), |V_N| {} (cpu {})", got.stats.loss, d.stats.loss, got.stats.negatives, d.stats.negatives);
     // The loss terms are f32/f64 sums of the same bf16 products: held to 1e-4; the normed-row
     // gradient goes through a bf16 rounding of dz: 1e-2.
-    check(&format!("{label}: loss terms"), &sv(&got.stats), &sv(&stats), 1e-4);
-    assert_eq!((got.stats.item_rows, got.stats.negatives), (stats.item_rows, stats.negatives), "{label}: item rows and |V_N|");
-    check(&format!("{label}: d normed"), &got.dnormed, &dn_ref, 1e-2);
-    check(&format!("{label}: d trainable columns"), &got.dtrain, &dt_ref, 1e-4);
-    check(&format!("{label}: d probe logits"), &got.dprobe, &dp_ref, 1e-4);
+    check(&format!("{label}: loss terms"), &sv(&got.stats), &sv(&d.stats), 1e-4);
+    assert_eq!((got.stats.item_rows, got.stats.negatives), (d.stats.item_rows, d.stats.negatives), "{label}: item rows and |V_N|");
+    check(&format!("{label}: d normed"), &got.dnormed, &d.dnormed, 1e-2);
+    check(&format!("{label}: d trainable columns"), &got.dtrain, &d.dtrain, 1e-4);
+    check(&format!("{label}: d probe logits"), &got.dprobe, &d.dprobe, 1e-4);
 }
 
 #[test]
 fn fused_loss_matches_the_cpu_loss() {
     let Some(emu) = common::emu::build("loss") else { return };
     let p = IlrecParams::default();
-    let base = Case { m: 37, h: 96, vocab: 301, s: 0, k: 0, ntrain: 7, params: p, tiles_per_split: 2, chunk: 128, all_ignored: false };
-    loss_case(&emu, Case { ..base }, 1);
-    loss_case(&emu, Case { m: 70, h: 80, ntrain: 0, chunk: 64, ..base }, 2);
-    loss_case(&emu, Case { s: 52, k: 3, ntrain: 13, ..base }, 3);
-    loss_case(&emu, Case { m: 29, vocab: 257, s: 40, k: 2, params: IlrecParams { alpha: 0.5, neg_weight: NegWeight::Logit, cpd_direction: CpdDirection::Reverse, ..p }, ..base }, 4);
-    loss_case(&emu, Case { m: 23, s: 61, k: 4, params: IlrecParams { negatives: NegSource::Final, mu: 0.0, ..p }, tiles_per_split: 1, chunk: 300, ..base }, 5);
-    loss_case(&emu, Case { m: 17, s: 30, k: 3, all_ignored: true, ..base }, 6);
+    let b = loss::Case { m: 37, h: 96, vocab: 301, s: 0, k: 0, ntrain: 7, params: p, all_ignored: false };
+    let case = |base: loss::Case| Case { base, tiles_per_split: 2, chunk: 128 };
+    loss_case(&emu, case(b), 1);
+    loss_case(&emu, Case { chunk: 64, ..case(loss::Case { m: 70, h: 80, ntrain: 0, ..b }) }, 2);
+    loss_case(&emu, case(loss::Case { s: 52, k: 3, ntrain: 13, ..b }), 3);
+    loss_case(&emu, case(loss::Case { m: 29, vocab: 257, s: 40, k: 2, params: IlrecParams { alpha: 0.5, neg_weight: NegWeight::Logit, cpd_direction: CpdDirection::Reverse, ..p }, ..b }), 4);
+    let final_neg = loss::Case { m: 23, s: 61, k: 4, params: IlrecParams { negatives: NegSource::Final, mu: 0.0, ..p }, ..b };
+    loss_case(&emu, Case { base: final_neg, tiles_per_split: 1, chunk: 300 }, 5);
+    loss_case(&emu, case(loss::Case { m: 17, s: 30, k: 3, all_ignored: true, ..b }), 6);
     // Another thread order: every shared-memory handoff must be behind a barrier.
-    loss_case(&emu.with_schedule(Schedule::Shuffled(7)), Case { m: 21, s: 33, k: 2, ..base }, 7);
+    loss_case(&emu.with_schedule(Schedule::Shuffled(7)), case(loss::Case { m: 21, s: 33, k: 2, ..b }), 7);
 }
 
 // =============================================================================================

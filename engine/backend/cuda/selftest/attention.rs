@@ -75,8 +75,9 @@ pub(super) fn check(c: &mut Checker) -> Result<()> {
 }
 
 /// Log-sum-exp of every (sequence, head, query) row in f64 from the f32 inputs, `-inf` where the
-/// query sees no key. Layout `[batch, n_heads, tq]`.
-fn reference_lse(q: &[f32], k: &[f32], key_mask: &[bool], s: AttentionShape) -> Vec<f32> {
+/// query sees no key. Layout `[batch, n_heads, tq]`. The oracle of every lse check (the
+/// self-test and tests/attention_emu.rs, tests/kernel_emu.rs).
+pub fn reference_lse(q: &[f32], k: &[f32], key_mask: &[bool], s: AttentionShape) -> Vec<f32> {
     let AttentionShape { batch, tq, past, cap, n_heads, n_kv_heads, head_dim: d } = s;
     let group = n_heads / n_kv_heads;
     let scale = f64::from(1.0 / (d as f32).sqrt());

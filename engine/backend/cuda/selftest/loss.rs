@@ -4,7 +4,8 @@
 //! trainable columns of `d_final`. Rows with target NONE (ignored) are left out of the reference
 //! and must come back with zero gradients. Cases: odd sizes, outliers, ILRec with every switch,
 //! a row whose V_N is empty, a batch whose rows are all ignored, a SmolLM2-sized vocabulary.
-use super::{round_bf16, Checker, TOL_BF16};
+use super::{random_outliers, round_bf16, Checker, TOL_BF16};
+use crate::rng::Rng;
 use crate::backend::cpu::{matmul_nn, matmul_nt};
 use crate::backend::cuda::ops::loss::{IlrecInputs, LossPlan, NONE};
 use crate::backend::cuda::{DeviceTensor, Elem};
@@ -13,7 +14,7 @@ use crate::train::loss::{ilrec_loss, sft_loss, CpdDirection, IlrecParams, LossRo
 
 /// One case's shape and switches.
 #[derive(Clone, Copy)]
-pub(crate) struct Case {
+pub struct Case {
     pub m: usize,
     pub h: usize,
     pub vocab: usize,
@@ -27,7 +28,7 @@ pub(crate) struct Case {
 }
 
 /// Host inputs of a case and the CPU reference outputs (ignored rows: zero gradients).
-pub(crate) struct Data {
+pub struct Data {
     pub normed: Vec<f32>,
     pub head: Vec<f32>,
     pub targets: Vec<u32>,
@@ -44,32 +45,33 @@ pub(crate) struct Data {
 }
 
 /// `n` distinct ids below `bound` in a scrambled order.
-fn distinct(c: &mut Checker, n: usize, bound: usize) -> Vec<u32> {
+fn distinct(rng: &mut Rng, n: usize, bound: usize) -> Vec<u32> {
     let mut all: Vec<u32> = (0..bound as u32).collect();
     for i in 0..n.min(bound) {
-        let j = i + c.rng.below(bound - i);
+        let j = i + rng.below(bound - i);
         all.swap(i, j);
     }
     all.truncate(n);
     all
 }
 
-/// Random inputs for `cs` and the CPU reference on them.
-pub(crate) fn make(c: &mut Checker, cs: Case) -> Result<Data> {
+/// Random inputs for `cs` and the CPU reference on them: shared by the self-test and
+/// tests/loss_emu.rs (which runs the kernels on the emulator with other split sizes).
+pub fn make(rng: &mut Rng, cs: Case) -> Result<Data> {
     let Case { m, h, vocab, s, k, ntrain, params, all_ignored } = cs;
-    let normed = round_bf16(&c.random(m * h, 1.0));
+    let normed = round_bf16(&random_outliers(rng, m * h, 1.0));
     // Outliers in the rows only: outliers on both sides give logit gaps past f64's exp range, where
     // the reverse KL is infinite on the CPU too.
     let hs = 2.0 / (h as f32).sqrt();
-    let head = round_bf16(&(0..vocab * h).map(|_| c.rng.normal() * hs).collect::<Vec<f32>>());
-    let candidates = distinct(c, s, vocab);
+    let head = round_bf16(&(0..vocab * h).map(|_| rng.normal() * hs).collect::<Vec<f32>>());
+    let candidates = distinct(rng, s, vocab);
     let mut item = vec![false; m];
-    let mut targets: Vec<u32> = (0..m).map(|_| c.rng.below(vocab) as u32).collect();
+    let mut targets: Vec<u32> = (0..m).map(|_| rng.below(vocab) as u32).collect();
     if s > 0 {
         for r in 0..m {
-            if c.rng.below(3) != 0 {
+            if rng.below(3) != 0 {
                 item[r] = true;
-                targets[r] = candidates[c.rng.below(s)];
+                targets[r] = candidates[rng.below(s)];
             }
         }
     }
@@ -79,7 +81,7 @@ pub(crate) fn make(c: &mut Checker, cs: Case) -> Result<Data> {
     if all_ignored {
         targets.fill(NONE);
     }
-    let mut probe = c.random(k * m * s, 2.0);
+    let mut probe = random_outliers(rng, k * m * s, 2.0);
     // Row 0, when it is an item row: the target tops every probe, so V_N is empty (alpha >= 1).
     if s > 0 && item[0] && targets[0] != NONE {
         let jy = candidates.iter().position(|&x| x == targets[0]).expect("item target is a candidate");
@@ -87,8 +89,8 @@ pub(crate) fn make(c: &mut Checker, cs: Case) -> Result<Data> {
             probe[(l * m) * s + jy] += 40.0;
         }
     }
-    let rewards = c.random(m * s, 1.0);
-    let mut trainable = distinct(c, ntrain, vocab);
+    let rewards = random_outliers(rng, m * s, 1.0);
+    let mut trainable = distinct(rng, ntrain, vocab);
     // Some trainable tokens among the candidates, as the item tokens are in training.
     for (i, &x) in candidates.iter().take(ntrain / 2).enumerate() {
         if !trainable.contains(&x) {
@@ -161,7 +163,7 @@ pub(super) fn check(c: &mut Checker) -> Result<()> {
 
 fn case(c: &mut Checker, cs: Case, label: &str) -> Result<()> {
     let cuda = c.cuda;
-    let d = make(c, cs)?;
+    let d = make(&mut c.rng, cs)?;
     let Case { m, h, vocab, s, k, .. } = cs;
     let shape = format!("{label}: m {m}, h {h}, V {vocab}, S {s}, k {k}");
     let normed = DeviceTensor::from_f32_in(cuda, &[m, h], &d.normed, Elem::BF16, "normed rows")?;

@@ -6,12 +6,12 @@
 //! paths, 1e-2 for bf16 paths (docs/gpu-check.md).
 //!
 //! `ilrec selftest` prints these rows as a table; tests/cuda_kernels.rs asserts every row passes.
-mod attention;
+pub mod attention;
 mod beam;
 mod elementwise;
 mod embedding;
 mod gemm;
-mod loss;
+pub mod loss;
 pub mod lora;
 mod model;
 mod optim;
