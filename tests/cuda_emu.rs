@@ -122,3 +122,68 @@ fn attention_launchers_check_their_operands() {
         assert!(m.contains(kernel) && m.contains("past == 0"), "{m}");
     }
 }
+
+/// Steps of a training run with everything on the (emulated) GPU: micro-batches, gradient
+/// clipping and AdamW on parameters resident on the device. Against the CPU trainer on the same
+/// run (f32 weights, ILRec, two micro-batches per step, trainable token rows): the same losses
+/// and parameters, to f32 rounding. Then exact resume: a run checkpointed after step 2 (its
+/// moments read back from the device) and resumed in a fresh trainer reaches the uninterrupted
+/// run's step-3 parameters bit for bit.
+#[test]
+fn device_training_steps_match_the_cpu_trainer_and_resume_exactly() {
+    use ilrec::backend::cuda::Elem;
+    use ilrec::train::backprop::Objective;
+    use ilrec::train::loss::IlrecParams;
+    use ilrec::train::trainer::{TrainConfig, Trainer};
+    use ilrec::Model;
+    let Some(cuda) = emulated("device_training_steps_match_the_cpu_trainer_and_resume_exactly") else { return };
+    let (data, items) = common::train_samples();
+    let cfg = TrainConfig {
+        lora_rank: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        lr: 5e-3,
+        weight_decay: 0.01,
+        max_grad_norm: 0.5,
+        warmup_ratio: 0.0,
+        epochs: 10.0,
+        micro_batch: 2,
+        grad_accum: 2,
+        seed: 11,
+        ..Default::default()
+    };
+    let obj = Objective::Ilrec { params: IlrecParams { mu: 0.0, ..Default::default() }, layers: vec![1, 2], candidates: items.clone() };
+    let trainable = vec![204, 205, 2];
+    let params = |tr: &Trainer| -> Vec<f32> { tr.lora.named().into_iter().flat_map(|(_, _, d)| d.to_vec()).collect() };
+    let start = |gpu: bool| {
+        let model = Model::load(&common::fixture("tiny-llama")).unwrap();
+        let mut tr = Trainer::new(&model, cfg.clone(), data.len(), trainable.clone()).unwrap();
+        if gpu {
+            tr.use_cuda(&cuda, &model, Elem::F32).unwrap();
+        }
+        (model, tr)
+    };
+    let (mut cpu_model, mut cpu) = start(false);
+    let (mut gpu_model, mut gpu) = start(true);
+    let tmp = tempfile::tempdir().unwrap();
+    for step in 1..=3 {
+        let want = cpu.train_step(&mut cpu_model, &data, &obj).unwrap();
+        let got = gpu.train_step(&mut gpu_model, &data, &obj).unwrap();
+        let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
+        assert!(rel(got.stats.loss, want.stats.loss) < 1e-5, "step {step}: loss {} vs CPU {}", got.stats.loss, want.stats.loss);
+        assert!(rel(got.grad_norm as f64, want.grad_norm as f64) < 1e-4, "step {step}: grad norm {} vs CPU {}", got.grad_norm, want.grad_norm);
+        let e = common::rel_err(&params(&gpu), &params(&cpu), |_| true);
+        assert!(e < 1e-4, "step {step}: LoRA parameters differ from the CPU trainer's by {e:.3e}");
+        let rows = |m: &Model| -> Vec<f32> { trainable.iter().flat_map(|&t| m.embed[t as usize * 96..][..96].to_vec()).collect() };
+        let e = common::rel_err(&rows(&gpu_model), &rows(&cpu_model), |_| true);
+        assert!(e < 1e-4, "step {step}: trainable embedding rows differ from the CPU trainer's by {e:.3e}");
+        if step == 2 {
+            gpu.save(tmp.path()).unwrap();
+        }
+    }
+    let (mut model, mut resumed) = start(true);
+    assert!(resumed.resume(&mut model, tmp.path()).unwrap(), "no checkpoint to resume from");
+    assert_eq!(resumed.step_count(), 2);
+    resumed.train_step(&mut model, &data, &obj).unwrap();
+    assert_eq!(params(&resumed), params(&gpu), "the resumed device run's step-3 parameters differ from the uninterrupted run's");
+}

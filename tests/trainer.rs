@@ -1,30 +1,13 @@
 //! The training loop: overfitting a handful of samples (SFT and ILRec), exact resume from a
 //! checkpoint, resume after the process is killed mid-run, and stopping on NaN.
 mod common;
-use common::fixture;
+use common::{fixture, train_samples as samples};
 use ilrec::train::backprop::Objective;
 use ilrec::train::loss::IlrecParams;
-use ilrec::train::trainer::{train, Example, TrainConfig, Trainer};
+use ilrec::train::trainer::{train, TrainConfig, Trainer};
 use ilrec::{Error, Model};
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-/// Four short "histories -> item" samples on the tiny Llama; item tokens are 200..=207.
-fn samples() -> (Vec<Example>, Vec<u32>) {
-    let items: Vec<u32> = (200..208).collect();
-    let prompts: [&[u32]; 4] = [&[11, 12, 13, 14], &[21, 22, 23], &[31, 32, 33, 34, 35], &[41, 42]];
-    let responses: [&[u32]; 4] = [&[200, 204, 2], &[201, 205, 2], &[202, 206, 2], &[203, 207, 2]];
-    let data = prompts
-        .iter()
-        .zip(responses)
-        .map(|(p, r)| {
-            let mut ex = Example::prompt_response(p, r);
-            ex.item_mask = r.iter().map(|t| items.contains(t)).collect();
-            ex
-        })
-        .collect();
-    (data, items)
-}
 
 fn small_cfg(steps_per_epoch_examples: f64) -> TrainConfig {
     TrainConfig {

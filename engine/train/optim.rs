@@ -149,6 +149,12 @@ impl Optimizer {
         self.index.get(name).map(|&i| &self.states[i])
     }
 
+    /// The state of one parameter, to update in place: the trainer's device path runs the update
+    /// on the GPU and keeps the step counts (and, at checkpoints, the moments) here.
+    pub(crate) fn state_mut(&mut self, name: &str) -> Option<&mut ParamState> {
+        self.index.get(name).map(|&i| &mut self.states[i])
+    }
+
     /// One AdamW update of every listed parameter at learning rate `lr` (the scheduled value).
     ///
     /// Per element, in PyTorch's order and precision (scalars in f64, rounded to f32 where

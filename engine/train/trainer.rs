@@ -3,12 +3,13 @@
 //! checkpoints and exact resume on the CPU.
 use super::backprop::{forward_backward, Grads, Objective, TrainBatch};
 use crate::backend::cuda::model::CudaModel;
-use crate::backend::cuda::train::forward_backward as cuda_forward_backward;
+use crate::backend::cuda::ops::optim::AdamWScalars;
+use crate::backend::cuda::train::{forward_backward as cuda_forward_backward, forward_backward_resident, ResidentParams};
 use crate::backend::cuda::{Cuda, Elem};
 use super::checkpoint::{self, Checkpoint};
 use super::lora::{Lora, LoraConfig, Target};
 use super::loss::LossStats;
-use super::optim::{clip_grad_norm, AdamW, NamedTensor, Optimizer, ParamRef, Schedule};
+use super::optim::{clip_grad_norm, AdamW, NamedTensor, Optimizer, ParamRef, ParamState, Schedule};
 use crate::error::{Error, Result};
 use crate::model::{Batch, Model};
 use crate::rng::Rng;
@@ -181,6 +182,11 @@ pub struct Trainer {
     n_examples: usize,
     /// The model's weights on the GPU when micro-batches run there (`use_cuda`).
     gpu: Option<CudaModel>,
+    /// With `gpu`: the trainable parameters, their gradients and AdamW moments on the device,
+    /// made at the first step from the host state. While it exists its moments are the run's
+    /// (the host optimiser keeps only the step counts current); values come back to the host
+    /// after every step.
+    resident: Option<ResidentParams>,
 }
 
 fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
@@ -255,16 +261,40 @@ impl Trainer {
             total_steps,
             n_examples,
             gpu: None,
+            resident: None,
         })
     }
 
-    /// Runs the forward and backward of every micro-batch on the GPU from now on (the optimiser
-    /// stays on the host): uploads `model` with projection weights in `weights` (f32 or bf16).
-    /// `model` already holds the current trainable token rows (`write_rows` keeps it in step), so
-    /// the upload carries them; a later `resume` or step writes them to both copies.
+    /// Runs every step on the GPU from now on: micro-batches' forward and backward, gradient
+    /// clipping and AdamW, with the trainable parameters resident there between steps (their
+    /// values come back to the host after each step). Uploads `model` with projection weights in
+    /// `weights` (f32 or bf16). `model` already holds the current trainable token rows
+    /// (`write_rows` keeps it in step), so the upload carries them; a later `resume` or step
+    /// writes them to both copies.
     pub fn use_cuda(&mut self, cuda: &Cuda, model: &Model, weights: Elem) -> Result<()> {
+        self.sync_moments()?;
         self.gpu = Some(CudaModel::upload(cuda, model, weights)?);
         Ok(())
+    }
+
+    /// Brings the device's AdamW moments back into the host optimiser and drops the device
+    /// state (rebuilt from the host at the next GPU step).
+    fn sync_moments(&mut self) -> Result<()> {
+        if let Some(res) = self.resident.take() {
+            let opt = self.optimizer_with(&res)?;
+            self.opt = opt;
+        }
+        Ok(())
+    }
+
+    /// The host optimiser with the moments of `res`.
+    fn optimizer_with(&self, res: &ResidentParams) -> Result<Optimizer> {
+        let mut opt = self.opt.clone();
+        for (name, (m, v)) in self.param_names().iter().zip(res.download_moments()?) {
+            let st = opt.state_mut(name).ok_or_else(|| Error::Input(format!("parameter `{name}` is not registered with the optimizer")))?;
+            (st.m, st.v) = (m, v);
+        }
+        Ok(opt)
     }
 
     pub fn step_count(&self) -> u64 {
@@ -338,6 +368,12 @@ impl Trainer {
         }
         // ILREC.md section 7: normalise by every response token of the accumulated batch.
         let response_tokens: usize = micro.iter().flatten().map(|&i| data[i].targets.len()).sum();
+        if self.gpu.is_some() {
+            let (stats, grad_norm, tokens, lr) = self.device_step(model, data, objective, &micro, response_tokens, step_no)?;
+            self.step = step_no;
+            self.micro_step += self.cfg.grad_accum as u64;
+            return Ok(StepReport { step: step_no, total_steps: self.total_steps, lr, stats, grad_norm, tokens, response_tokens, seconds: started.elapsed().as_secs_f64() });
+        }
         let mut grads = Grads::zeros(model, &self.lora, self.trainable_tokens.len());
         let mut stats = LossStats::default();
         let mut tokens = 0;
@@ -388,6 +424,70 @@ impl Trainer {
         Ok(StepReport { step: step_no, total_steps: self.total_steps, lr, stats, grad_norm, tokens, response_tokens, seconds: started.elapsed().as_secs_f64() })
     }
 
+    /// [`Trainer::train_step`] on the GPU with the parameters resident there: the micro-batches
+    /// add their adapter gradients into the device accumulators, the token-row gradients are
+    /// summed on the host and uploaded once, then clipping and AdamW run on the device (the same
+    /// f32 arithmetic as the host optimiser: `AdamWScalars` mirrors `Optimizer::step`), and the
+    /// new values come back. Returns (loss statistics, gradient norm, tokens, lr).
+    fn device_step(&mut self, model: &mut Model, data: &[Example], objective: &Objective, micro: &[Vec<usize>], response_tokens: usize, step_no: u64) -> Result<(LossStats, f32, usize, f64)> {
+        let dm = self.gpu.as_ref().ok_or_else(|| Error::Input("device step without a GPU".into()))?;
+        let names = self.param_names();
+        if self.resident.is_none() {
+            let states: Vec<&ParamState> = names.iter().map(|n| self.opt.state(n).ok_or_else(|| Error::Input(format!("parameter `{n}` is not registered with the optimizer")))).collect::<Result<_>>()?;
+            let moments: Vec<(&[f32], &[f32])> = states.iter().map(|s| (s.m.as_slice(), s.v.as_slice())).collect();
+            let h = model.config.hidden_size;
+            self.resident = Some(ResidentParams::upload(dm.cuda(), &self.lora, &self.embed_rows, &self.head_rows, h, &moments)?);
+        }
+        let res = self.resident.as_mut().ok_or_else(|| Error::Input("device parameters missing".into()))?;
+        res.zero_grads()?;
+        let mut embed_g = vec![0.0f32; self.embed_rows.len()];
+        let mut head_g = vec![0.0f32; self.head_rows.len()];
+        let mut stats = LossStats::default();
+        let mut tokens = 0;
+        for ids in micro {
+            let tb = collate(data, ids)?;
+            tokens += tb.batch.num_real();
+            let (st, g) = forward_backward_resident(dm, model, &self.lora, res, &tb, objective, &self.trainable_tokens, response_tokens as f64, &mut self.rng)
+                .map_err(|e| at_step(e, step_no))?;
+            stats.accumulate(&st);
+            embed_g.iter_mut().zip(&g.embed_rows).for_each(|(a, b)| *a += b);
+            head_g.iter_mut().zip(&g.head_rows).for_each(|(a, b)| *a += b);
+        }
+        res.set_row_grads(&embed_g, &head_g)?;
+        if let Some((i, e)) = res.first_nonfinite()? {
+            return Err(Error::NonFinite(format!("step {step_no}: gradient of `{}` at element {e}", names[i])));
+        }
+        let lr = self.schedule.lr_at(self.cfg.lr, self.step);
+        let token_lr = self.schedule.lr_at(self.cfg.token_lr.unwrap_or(self.cfg.lr), self.step);
+        // Two parameter groups, as on the host: LoRA at lr, then the two token-row tensors.
+        let n_lora = names.len() - 2;
+        let scalars: Vec<AdamWScalars> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let step = self.opt.state(n).map_or(0, |s| s.step) + 1;
+                AdamWScalars::from_config(&self.opt.config, if i < n_lora { lr } else { token_lr }, step, true)
+            })
+            .collect();
+        let grad_norm = res.clip_and_step(self.cfg.max_grad_norm, &scalars).map_err(|e| at_step(e, step_no))?;
+        if !grad_norm.is_finite() {
+            return Err(Error::NonFinite(format!("step {step_no}: gradient norm {grad_norm}")));
+        }
+        for n in &names {
+            if let Some(st) = self.opt.state_mut(n) {
+                st.step += 1;
+            }
+        }
+        let mut values = res.download_values()?.into_iter();
+        for (_, t) in self.lora.named_mut() {
+            *t = values.next().ok_or_else(|| Error::Input("device parameters: too few tensors".into()))?;
+        }
+        self.embed_rows = values.next().ok_or_else(|| Error::Input("device parameters: no embedding rows".into()))?;
+        self.head_rows = values.next().ok_or_else(|| Error::Input("device parameters: no head rows".into()))?;
+        self.write_rows(model)?;
+        Ok((stats, grad_norm, tokens, lr))
+    }
+
     fn param_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.lora.named().into_iter().map(|(n, _, _)| n).collect();
         names.push(EMBED_ROWS.into());
@@ -428,7 +528,11 @@ impl Trainer {
             optimizer: self.opt.config,
             config: self.identity(),
             trainable,
-            optimizer_state: self.opt.state_tensors(),
+            // The device's moments when the run keeps them there.
+            optimizer_state: match &self.resident {
+                Some(res) => self.optimizer_with(res)?.state_tensors(),
+                None => self.opt.state_tensors(),
+            },
         };
         checkpoint::save_checkpoint(dir, &ck, self.cfg.keep_checkpoints)
     }
@@ -469,6 +573,8 @@ impl Trainer {
         self.epoch = ck.epoch;
         self.cursor = ck.data_cursor;
         self.rng = Rng::from_state(ck.rng);
+        // The device copy is rebuilt from the restored host state at the next step.
+        self.resident = None;
         self.write_rows(model)?;
         Ok(true)
     }

@@ -34,3 +34,20 @@ pub fn rel_err(a: &[f32], b: &[f32], keep: impl Fn(usize) -> bool) -> f64 {
 pub fn skip(test: &str, why: &str) {
     println!("skipped: {test}: {why}");
 }
+
+/// Four short "histories -> item" samples on the tiny Llama; item tokens are 200..=207.
+pub fn train_samples() -> (Vec<ilrec::train::trainer::Example>, Vec<u32>) {
+    let items: Vec<u32> = (200..208).collect();
+    let prompts: [&[u32]; 4] = [&[11, 12, 13, 14], &[21, 22, 23], &[31, 32, 33, 34, 35], &[41, 42]];
+    let responses: [&[u32]; 4] = [&[200, 204, 2], &[201, 205, 2], &[202, 206, 2], &[203, 207, 2]];
+    let data = prompts
+        .iter()
+        .zip(responses)
+        .map(|(p, r)| {
+            let mut ex = ilrec::train::trainer::Example::prompt_response(p, r);
+            ex.item_mask = r.iter().map(|t| items.contains(t)).collect();
+            ex
+        })
+        .collect();
+    (data, items)
+}

@@ -9,7 +9,7 @@
 use super::model::{CudaModel, DLinear, GemmIn};
 use super::ops::lora::{self as lora_ops, DownFactor, Dropout, LowRank};
 use super::ops::loss::{Ids, IlrecInputs, LossPlan};
-use super::ops::{attention, elementwise as ew, embedding, kv, matmul, probe, Gemm};
+use super::ops::{attention, elementwise as ew, embedding, kv, matmul, optim, probe, Gemm};
 use super::{Cuda, DeviceTensor, Elem};
 use crate::backend::cpu::AttentionShape;
 use crate::error::{Error, Result};
@@ -277,7 +277,9 @@ fn head_row_grads(cu: &Cuda, dst: &mut [f32], dlogits: &[f32], cols: usize, col_
 /// Forward, loss and backward of one micro-batch on the GPU: the same contract, inputs and
 /// results as [`crate::train::backprop::forward_backward`]. `dm` must hold `model`'s weights
 /// (including the current trainable token rows: `CudaModel::write_token_rows`); `model` supplies
-/// the configuration and the shapes of the gradients.
+/// the configuration and the shapes of the gradients. The adapter is uploaded for the call and
+/// its gradients come back to the host; a training run keeps both on the device instead
+/// ([`ResidentParams`], [`forward_backward_resident`]).
 #[allow(clippy::too_many_arguments)]
 pub fn forward_backward(
     dm: &CudaModel,
@@ -291,11 +293,54 @@ pub fn forward_backward(
     rng: &mut Rng,
 ) -> Result<(LossStats, Grads)> {
     let slot = check_micro_batch(model, lora, tb, objective, trainable_tokens)?;
-    let cu = dm.cuda();
-    let c = &model.config;
-    let batch = &tb.batch;
-    let (bsz, t, h) = (batch.batch, batch.seq, c.hidden_size);
-    let (n, m) = (bsz * t, tb.positions.len());
+    let mut ctx = Ctx::new(dm, lora, upload_pairs(dm.cuda(), lora)?, train);
+    let (stats, mut grads) = run(&mut ctx, model, lora, tb, objective, trainable_tokens, &slot, norm, rng)?;
+    for (l, slots) in ctx.pairs.iter().enumerate() {
+        for (i, p) in slots.iter().enumerate() {
+            if let (Some(p), Some(gp)) = (p, grads.lora.blocks[l][i].as_mut()) {
+                gp.a = p.ga.to_f32_vec()?;
+                gp.b = p.gb.to_f32_vec()?;
+            }
+        }
+    }
+    for (name, _, g) in grads.lora.named() {
+        if let Some(i) = g.iter().position(|x| !x.is_finite()) {
+            return Err(Error::NonFinite(format!("gradient of `{name}` at element {i}")));
+        }
+    }
+    Ok((stats, grads))
+}
+
+/// [`forward_backward`] on the adapter held in `res`: nothing is uploaded for it, and its
+/// gradients are added into `res`'s accumulators on the device (the returned `Grads` carries the
+/// token-row gradients only; its adapter part stays zero). `lora` gives the adapter's
+/// configuration and shapes (its values are not read). Non-finite adapter gradients are left for
+/// the optimiser step to find ([`ResidentParams::first_nonfinite`]).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_backward_resident(
+    dm: &CudaModel,
+    model: &Model,
+    lora: &Lora,
+    res: &mut ResidentParams,
+    tb: &TrainBatch,
+    objective: &Objective,
+    trainable_tokens: &[u32],
+    norm: f64,
+    rng: &mut Rng,
+) -> Result<(LossStats, Grads)> {
+    let slot = check_micro_batch(model, lora, tb, objective, trainable_tokens)?;
+    let mut ctx = Ctx::new(dm, lora, std::mem::take(&mut res.pairs), true);
+    let out = run(&mut ctx, model, lora, tb, objective, trainable_tokens, &slot, norm, rng);
+    // The pairs go back whatever happened: they hold the run's parameters.
+    res.pairs = std::mem::take(&mut ctx.pairs);
+    for p in res.pairs.iter_mut().flatten().flatten() {
+        (p.a16, p.b16) = (None, None);
+    }
+    out
+}
+
+/// Every LoRA pair of `lora` on the device, with zero gradient buffers.
+fn upload_pairs(cu: &Cuda, lora: &Lora) -> Result<Vec<[Option<DPair>; 7]>> {
     let mut pairs = Vec::with_capacity(lora.blocks.len());
     for (l, blk) in lora.blocks.iter().enumerate() {
         let mut slots: [Option<DPair>; 7] = Default::default();
@@ -316,7 +361,35 @@ pub fn forward_backward(
         }
         pairs.push(slots);
     }
-    let mut ctx = Ctx { dm, cu, pairs, scale: lora.config.scale(), dropout: if train { lora.config.dropout } else { 0.0 } };
+    Ok(pairs)
+}
+
+impl<'a> Ctx<'a> {
+    fn new(dm: &'a CudaModel, lora: &Lora, pairs: Vec<[Option<DPair>; 7]>, train: bool) -> Self {
+        Ctx { dm, cu: dm.cuda(), pairs, scale: lora.config.scale(), dropout: if train { lora.config.dropout } else { 0.0 } }
+    }
+}
+
+/// The body of [`forward_backward`]: forward with the tape, loss, backward. The adapter's
+/// gradients are added into `ctx.pairs`; the token rows' come back in `Grads`.
+#[allow(clippy::too_many_arguments)]
+fn run(
+    ctx: &mut Ctx<'_>,
+    model: &Model,
+    lora: &Lora,
+    tb: &TrainBatch,
+    objective: &Objective,
+    trainable_tokens: &[u32],
+    slot: &[u32],
+    norm: f64,
+    rng: &mut Rng,
+) -> Result<(LossStats, Grads)> {
+    let dm = ctx.dm;
+    let cu = dm.cuda();
+    let c = &model.config;
+    let batch = &tb.batch;
+    let (bsz, t, h) = (batch.batch, batch.seq, c.hidden_size);
+    let (n, m) = (bsz * t, tb.positions.len());
 
     let (pos, _) = positions(batch, &vec![0; bsz]);
     // Positions are below t: one table row per position, indexed per token.
@@ -386,7 +459,7 @@ pub fn forward_backward(
     let mut inject: Vec<(usize, DeviceTensor)> = Vec::new();
     let mut dx = zeros(cu, &[n, h], "residual gradient")?;
     let block_out = |b: usize| -> &DeviceTensor { if b == c.num_layers { &x } else { &tapes[b].x_in } };
-    let rows = LossIn { cfg: c, tb, objective, trainable_tokens, slot: &slot, norm, pos: &pos_u32, xl_rows: &xl_rows, normed: &normed };
+    let rows = LossIn { cfg: c, tb, objective, trainable_tokens, slot, norm, pos: &pos_u32, xl_rows: &xl_rows, normed: &normed };
     let stats = if dm.weights() == Elem::BF16 && h % 8 == 0 {
         fused_loss(dm, &rows, &block_out, &mut grads, &mut inject, &mut dx, (&scatter_offsets, &scatter_list))?
     } else {
@@ -435,25 +508,12 @@ pub fn forward_backward(
     }
     // Embedding rows of trainable tokens (masked positions only, ascending: the CPU's order).
     if !trainable_tokens.is_empty() {
-        let (offsets, list) = embedding::csr_positions(&batch.tokens, &batch.mask, &slot, trainable_tokens.len())?;
+        let (offsets, list) = embedding::csr_positions(&batch.tokens, &batch.mask, slot, trainable_tokens.len())?;
         let offsets = DeviceTensor::from_u32(cu, &[offsets.len()], &offsets, "embedding scatter offsets")?;
         let list = DeviceTensor::from_u32(cu, &[list.len()], &list, "embedding scatter list")?;
         let mut g = DeviceTensor::from_f32(cu, &[trainable_tokens.len(), h], &grads.embed_rows, "embedding row gradients")?;
         embedding::scatter_add_csr(cu, &mut g, &dx, &offsets, &list)?;
         grads.embed_rows = g.to_f32_vec()?;
-    }
-    for (l, slots) in ctx.pairs.iter().enumerate() {
-        for (i, p) in slots.iter().enumerate() {
-            if let (Some(p), Some(gp)) = (p, grads.lora.blocks[l][i].as_mut()) {
-                gp.a = p.ga.to_f32_vec()?;
-                gp.b = p.gb.to_f32_vec()?;
-            }
-        }
-    }
-    for (name, _, g) in grads.lora.named() {
-        if let Some(i) = g.iter().position(|x| !x.is_finite()) {
-            return Err(Error::NonFinite(format!("gradient of `{name}` at element {i}")));
-        }
     }
     Ok((stats, grads))
 }
@@ -612,3 +672,145 @@ fn host_loss<'t>(dm: &CudaModel, r: &LossIn<'_>, block_out: &dyn Fn(usize) -> &'
     Ok(stats)
 }
 
+
+/// A training run's trainable parameters kept on the device across steps, so a CUDA step uploads
+/// no adapter and downloads no adapter gradient per micro-batch, and the optimiser runs there
+/// (kernels/optim.cu: `grad_norm_clip`, `adamw_step`): the LoRA pairs (values, gradient
+/// accumulators), the trainable token rows (values, accumulators) and the AdamW moments of every
+/// tensor. Tensor order (the trainer's): [`Lora::named`], then the embedding rows, then the head
+/// rows (empty when the head is tied).
+pub struct ResidentParams {
+    pairs: Vec<[Option<DPair>; 7]>,
+    /// `(values, gradients)` of the embedding rows and of the head rows, `[tokens, hidden]`.
+    rows: [(DeviceTensor, DeviceTensor); 2],
+    m: Vec<DeviceTensor>,
+    v: Vec<DeviceTensor>,
+}
+
+impl ResidentParams {
+    /// Uploads the adapter `lora`, the token rows and the moments `(m, v)` of every tensor (in the
+    /// order above; each as long as its tensor).
+    pub fn upload(cu: &Cuda, lora: &Lora, embed_rows: &[f32], head_rows: &[f32], h: usize, moments: &[(&[f32], &[f32])]) -> Result<Self> {
+        let pairs = upload_pairs(cu, lora)?;
+        let row_pair = |v: &[f32], what: &str| -> Result<(DeviceTensor, DeviceTensor)> {
+            let shape = [v.len() / h.max(1), h];
+            Ok((DeviceTensor::from_f32(cu, &shape, v, what)?, zeros(cu, &shape, what)?))
+        };
+        let rows = [row_pair(embed_rows, "trainable embedding rows")?, row_pair(head_rows, "trainable head rows")?];
+        let mut res = ResidentParams { pairs, rows, m: Vec::new(), v: Vec::new() };
+        let lens: Vec<usize> = res.values().iter().map(|t| t.numel()).collect();
+        if moments.len() != lens.len() {
+            return Err(Error::Input(format!("resident parameters: {} moment pairs for {} tensors", moments.len(), lens.len())));
+        }
+        for (i, ((m, v), n)) in moments.iter().zip(lens).enumerate() {
+            if m.len() != n || v.len() != n {
+                return Err(Error::Input(format!("resident parameters: tensor {i} has {n} values but moments of {} and {}", m.len(), v.len())));
+            }
+            res.m.push(DeviceTensor::from_f32(cu, &[n], m, "AdamW exp_avg")?);
+            res.v.push(DeviceTensor::from_f32(cu, &[n], v, "AdamW exp_avg_sq")?);
+        }
+        Ok(res)
+    }
+
+    /// Every value tensor, in order.
+    fn values(&self) -> Vec<&DeviceTensor> {
+        let mut out: Vec<&DeviceTensor> = self.pairs.iter().flatten().flatten().flat_map(|p| [&p.a, &p.b]).collect();
+        out.extend(self.rows.iter().map(|r| &r.0));
+        out
+    }
+
+    /// Every gradient accumulator, in order.
+    fn grads(&self) -> Vec<&DeviceTensor> {
+        let mut out: Vec<&DeviceTensor> = self.pairs.iter().flatten().flatten().flat_map(|p| [&p.ga, &p.gb]).collect();
+        out.extend(self.rows.iter().map(|r| &r.1));
+        out
+    }
+
+    /// `(value, gradient)` of every tensor, in order, for the optimiser.
+    fn params_mut(&mut self) -> Vec<(&mut DeviceTensor, &mut DeviceTensor)> {
+        let mut out: Vec<(&mut DeviceTensor, &mut DeviceTensor)> = Vec::new();
+        for p in self.pairs.iter_mut().flatten().flatten() {
+            out.push((&mut p.a, &mut p.ga));
+            out.push((&mut p.b, &mut p.gb));
+        }
+        for (v, g) in self.rows.iter_mut() {
+            out.push((v, g));
+        }
+        out
+    }
+
+    /// Zeroes every gradient accumulator (the start of an optimiser step).
+    pub fn zero_grads(&mut self) -> Result<()> {
+        self.grads().into_iter().try_for_each(|g| g.fill_bytes(0))
+    }
+
+    /// Sets the token rows' gradients (summed on the host over the step's micro-batches: their
+    /// head-row parts come from host-side products of the loss).
+    pub fn set_row_grads(&mut self, embed: &[f32], head: &[f32]) -> Result<()> {
+        let cu = self.rows[0].1.cuda().clone();
+        for ((_, g), src) in self.rows.iter_mut().zip([embed, head]) {
+            if src.len() != g.numel() {
+                return Err(Error::Input(format!("token-row gradients: {} values for {}", src.len(), g.numel())));
+            }
+            *g = DeviceTensor::from_f32(&cu, g.shape(), src, "token-row gradients")?;
+        }
+        Ok(())
+    }
+
+    /// The first non-finite gradient as (tensor index, element), or `None`. Waits for the GPU
+    /// once (one count for all tensors); only when that is non-zero are the gradients read.
+    pub fn first_nonfinite(&self) -> Result<Option<(usize, usize)>> {
+        let grads = self.grads();
+        let Some(first) = grads.first() else { return Ok(None) };
+        let cu = first.cuda();
+        let mut count = DeviceTensor::zeros(cu, &[1], Elem::U32, "non-finite gradient count")?;
+        for g in &grads {
+            optim::add_nonfinite_count(cu, &mut count, g)?;
+        }
+        if count.to_u32_vec()?.first().copied().unwrap_or(0) == 0 {
+            return Ok(None);
+        }
+        for (i, g) in grads.iter().enumerate() {
+            if let Some(e) = g.to_f32_vec()?.iter().position(|x| !x.is_finite()) {
+                return Ok(Some((i, e)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// `clip_grad_norm(max_norm)` then one AdamW update of every tensor with its `scalars` (in
+    /// order), both on the device; returns the gradients' total norm. When the norm is not
+    /// finite nothing is updated (the caller stops the run, as on the CPU). Waits for the GPU
+    /// once, to read the norm.
+    pub fn clip_and_step(&mut self, max_norm: f32, scalars: &[optim::AdamWScalars]) -> Result<f32> {
+        let n = self.m.len();
+        if scalars.len() != n {
+            return Err(Error::Input(format!("AdamW step: {} scalar sets for {n} tensors", scalars.len())));
+        }
+        let Some(cu) = self.m.first().map(|t| t.cuda().clone()) else { return Ok(0.0) };
+        let norm = {
+            let mut grads: Vec<&mut DeviceTensor> = self.params_mut().into_iter().map(|(_, g)| g).collect();
+            optim::grad_norm_clip(&cu, &mut grads, max_norm)?
+        };
+        let total = norm.to_f32_vec()?.first().copied().unwrap_or(f32::NAN);
+        if !total.is_finite() {
+            return Ok(total);
+        }
+        let (mut ms, mut vs) = (std::mem::take(&mut self.m), std::mem::take(&mut self.v));
+        let stepped = self.params_mut().into_iter().zip(ms.iter_mut().zip(vs.iter_mut())).zip(scalars).try_for_each(|(((p, g), (m, v)), s)| optim::adamw_step(&cu, p, g, m, v, s));
+        (self.m, self.v) = (ms, vs);
+        stepped?;
+        Ok(total)
+    }
+
+    /// Every tensor's values, in order (to the host: checkpoints, evaluation and the CPU model
+    /// follow the device after each step).
+    pub fn download_values(&self) -> Result<Vec<Vec<f32>>> {
+        self.values().into_iter().map(DeviceTensor::to_f32_vec).collect()
+    }
+
+    /// Every tensor's AdamW moments `(exp_avg, exp_avg_sq)`, in order.
+    pub fn download_moments(&self) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
+        self.m.iter().zip(&self.v).map(|(m, v)| Ok((m.to_f32_vec()?, v.to_f32_vec()?))).collect()
+    }
+}
