@@ -128,7 +128,8 @@ fn attention_launchers_check_their_operands() {
 /// run (f32 weights, ILRec, two micro-batches per step, trainable token rows): the same losses
 /// and parameters, to f32 rounding. Then exact resume: a run checkpointed after step 2 (its
 /// moments read back from the device) and resumed in a fresh trainer reaches the uninterrupted
-/// run's step-3 parameters bit for bit.
+/// run's step-3 parameters bit for bit. Timing the step against SFT in between (on its own
+/// device copy) changes nothing.
 #[test]
 fn device_training_steps_match_the_cpu_trainer_and_resume_exactly() {
     use ilrec::backend::cuda::Elem;
@@ -179,6 +180,12 @@ fn device_training_steps_match_the_cpu_trainer_and_resume_exactly() {
         assert!(e < 1e-4, "step {step}: trainable embedding rows differ from the CPU trainer's by {e:.3e}");
         if step == 2 {
             gpu.save(tmp.path()).unwrap();
+            // Timing against SFT runs on its own device copy: the run goes on as if untouched
+            // (step 3 must still match the CPU and the resumed run).
+            let before = params(&gpu);
+            let cost = gpu.time_against_sft(&gpu_model, &data, &obj, 1).unwrap();
+            assert!(cost.objective_s > 0.0 && cost.sft_s > 0.0 && cost.tokens > 0, "{cost:?}");
+            assert_eq!(params(&gpu), before, "timing changed the run's parameters");
         }
     }
     let (mut model, mut resumed) = start(true);

@@ -4,7 +4,7 @@
 use super::backprop::{forward_backward, Grads, Objective, TrainBatch};
 use crate::backend::cuda::model::CudaModel;
 use crate::backend::cuda::ops::optim::AdamWScalars;
-use crate::backend::cuda::train::{forward_backward as cuda_forward_backward, forward_backward_resident, ResidentParams};
+use crate::backend::cuda::train::{forward_backward_resident, ResidentParams};
 use crate::backend::cuda::{Cuda, Elem};
 use super::checkpoint::{self, Checkpoint};
 use super::lora::{Lora, LoraConfig, Target};
@@ -327,10 +327,25 @@ impl Trainer {
         let tb = collate(data, &ids)?;
         let norm = tb.targets.len() as f64;
         let mut rng = Rng::new(self.cfg.seed ^ 0x5f7_c057);
+        // On the GPU, the micro-batch a step runs: on a resident copy of the parameters (made
+        // here, outside the timing; the run's own copy and state are not touched).
+        let mut resident = match &self.gpu {
+            Some(dm) => Some(self.upload_resident(dm, model)?),
+            None => None,
+        };
         let mut once = |obj: &Objective| -> Result<f64> {
             let t = Instant::now();
-            // The gradients come back to the host, so the time includes the device's work.
-            micro_batch(self.gpu.as_ref(), model, &self.lora, &tb, obj, &self.trainable_tokens, norm, &mut rng)?;
+            match (&self.gpu, resident.as_mut()) {
+                (Some(dm), Some(res)) => {
+                    res.zero_grads()?;
+                    forward_backward_resident(dm, model, &self.lora, res, &tb, obj, &self.trainable_tokens, norm, &mut rng)?;
+                    // Wait for the device, so the time includes its work.
+                    dm.cuda().sync()?;
+                }
+                _ => {
+                    forward_backward(model, &self.lora, &tb, obj, &self.trainable_tokens, norm, true, &mut rng)?;
+                }
+            }
             Ok(t.elapsed().as_secs_f64())
         };
         let mut median = |obj: &Objective| -> Result<f64> {
@@ -381,7 +396,7 @@ impl Trainer {
             let tb = collate(data, ids)?;
             tokens += tb.batch.num_real();
             let norm = response_tokens as f64;
-            let (st, g) = micro_batch(self.gpu.as_ref(), model, &self.lora, &tb, objective, &self.trainable_tokens, norm, &mut self.rng)
+            let (st, g) = forward_backward(model, &self.lora, &tb, objective, &self.trainable_tokens, norm, true, &mut self.rng)
                 .map_err(|e| at_step(e, step_no))?;
             stats.accumulate(&st);
             let mut g = g;
@@ -433,10 +448,7 @@ impl Trainer {
         let dm = self.gpu.as_ref().ok_or_else(|| Error::Input("device step without a GPU".into()))?;
         let names = self.param_names();
         if self.resident.is_none() {
-            let states: Vec<&ParamState> = names.iter().map(|n| self.opt.state(n).ok_or_else(|| Error::Input(format!("parameter `{n}` is not registered with the optimizer")))).collect::<Result<_>>()?;
-            let moments: Vec<(&[f32], &[f32])> = states.iter().map(|s| (s.m.as_slice(), s.v.as_slice())).collect();
-            let h = model.config.hidden_size;
-            self.resident = Some(ResidentParams::upload(dm.cuda(), &self.lora, &self.embed_rows, &self.head_rows, h, &moments)?);
+            self.resident = Some(self.upload_resident(dm, model)?);
         }
         let res = self.resident.as_mut().ok_or_else(|| Error::Input("device parameters missing".into()))?;
         res.zero_grads()?;
@@ -486,6 +498,14 @@ impl Trainer {
         self.head_rows = values.next().ok_or_else(|| Error::Input("device parameters: no head rows".into()))?;
         self.write_rows(model)?;
         Ok((stats, grad_norm, tokens, lr))
+    }
+
+    /// The host's parameters and AdamW moments as a device copy.
+    fn upload_resident(&self, dm: &CudaModel, model: &Model) -> Result<ResidentParams> {
+        let names = self.param_names();
+        let states: Vec<&ParamState> = names.iter().map(|n| self.opt.state(n).ok_or_else(|| Error::Input(format!("parameter `{n}` is not registered with the optimizer")))).collect::<Result<_>>()?;
+        let moments: Vec<(&[f32], &[f32])> = states.iter().map(|s| (s.m.as_slice(), s.v.as_slice())).collect();
+        ResidentParams::upload(dm.cuda(), &self.lora, &self.embed_rows, &self.head_rows, model.config.hidden_size, &moments)
     }
 
     fn param_names(&self) -> Vec<String> {
@@ -577,24 +597,6 @@ impl Trainer {
         self.resident = None;
         self.write_rows(model)?;
         Ok(true)
-    }
-}
-
-/// One training micro-batch's forward and backward, on the GPU when the run has its weights there.
-#[allow(clippy::too_many_arguments)]
-fn micro_batch(
-    gpu: Option<&CudaModel>,
-    model: &Model,
-    lora: &Lora,
-    tb: &TrainBatch,
-    objective: &Objective,
-    trainable_tokens: &[u32],
-    norm: f64,
-    rng: &mut Rng,
-) -> Result<(LossStats, Grads)> {
-    match gpu {
-        Some(dm) => cuda_forward_backward(dm, model, lora, tb, objective, trainable_tokens, norm, true, rng),
-        None => forward_backward(model, lora, tb, objective, trainable_tokens, norm, true, rng),
     }
 }
 
