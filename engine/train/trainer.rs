@@ -383,16 +383,28 @@ impl Trainer {
         }
         // ILREC.md section 7: normalise by every response token of the accumulated batch.
         let response_tokens: usize = micro.iter().flatten().map(|&i| data[i].targets.len()).sum();
-        if self.gpu.is_some() {
-            let (stats, grad_norm, tokens, lr) = self.device_step(model, data, objective, &micro, response_tokens, step_no)?;
-            self.step = step_no;
-            self.micro_step += self.cfg.grad_accum as u64;
-            return Ok(StepReport { step: step_no, total_steps: self.total_steps, lr, stats, grad_norm, tokens, response_tokens, seconds: started.elapsed().as_secs_f64() });
-        }
+        // Two parameter groups: LoRA at lr, then the two token-row tensors at token_lr.
+        let lr = self.schedule.lr_at(self.cfg.lr, self.step);
+        let token_lr = self.schedule.lr_at(self.cfg.token_lr.unwrap_or(self.cfg.lr), self.step);
+        let step = StepIn { micro: &micro, response_tokens, step_no, lr, token_lr };
+        let (stats, grad_norm, tokens) = match self.gpu.is_some() {
+            true => self.device_step(model, data, objective, &step)?,
+            false => self.host_step(model, data, objective, &step)?,
+        };
+        self.write_rows(model)?;
+        self.step = step_no;
+        self.micro_step += self.cfg.grad_accum as u64;
+        Ok(StepReport { step: step_no, total_steps: self.total_steps, lr, stats, grad_norm, tokens, response_tokens, seconds: started.elapsed().as_secs_f64() })
+    }
+
+    /// The micro-batches, gradients, clipping and AdamW of one step on the host; returns (loss
+    /// statistics, gradient norm, tokens).
+    fn host_step(&mut self, model: &Model, data: &[Example], objective: &Objective, step: &StepIn<'_>) -> Result<(LossStats, f32, usize)> {
+        let StepIn { micro, response_tokens, step_no, lr, token_lr } = *step;
         let mut grads = Grads::zeros(model, &self.lora, self.trainable_tokens.len());
         let mut stats = LossStats::default();
         let mut tokens = 0;
-        for ids in &micro {
+        for ids in micro {
             let tb = collate(data, ids)?;
             tokens += tb.batch.num_real();
             let norm = response_tokens as f64;
@@ -414,8 +426,6 @@ impl Trainer {
         if !grad_norm.is_finite() {
             return Err(Error::NonFinite(format!("step {step_no}: gradient norm {grad_norm}")));
         }
-        let lr = self.schedule.lr_at(self.cfg.lr, self.step);
-        let token_lr = self.schedule.lr_at(self.cfg.token_lr.unwrap_or(self.cfg.lr), self.step);
         {
             let grads_ro: Vec<&[f32]> = gts.iter().map(|g| g.as_slice()).collect();
             let mut values: Vec<&mut Vec<f32>> = self.lora.named_mut().into_iter().map(|(_, t)| t).collect();
@@ -427,24 +437,21 @@ impl Trainer {
                 .zip(grads_ro)
                 .map(|((v, name), grad)| ParamRef { name: name.as_str(), values: v.as_mut_slice(), grad, decay: true })
                 .collect();
-            // Two parameter groups: LoRA, then the two token-row tensors.
             let n_lora = params.len() - 2;
             let (lora, rows) = params.split_at_mut(n_lora);
             self.opt.step(lora, lr).map_err(|e| at_step(e, step_no))?;
             self.opt.step(rows, token_lr).map_err(|e| at_step(e, step_no))?;
         }
-        self.write_rows(model)?;
-        self.step = step_no;
-        self.micro_step += self.cfg.grad_accum as u64;
-        Ok(StepReport { step: step_no, total_steps: self.total_steps, lr, stats, grad_norm, tokens, response_tokens, seconds: started.elapsed().as_secs_f64() })
+        Ok((stats, grad_norm, tokens))
     }
 
-    /// [`Trainer::train_step`] on the GPU with the parameters resident there: the micro-batches
+    /// [`Trainer::host_step`] on the GPU with the parameters resident there: the micro-batches
     /// add their adapter gradients into the device accumulators, the token-row gradients are
     /// summed on the host and uploaded once, then clipping and AdamW run on the device (the same
     /// f32 arithmetic as the host optimiser: `AdamWScalars` mirrors `Optimizer::step`), and the
-    /// new values come back. Returns (loss statistics, gradient norm, tokens, lr).
-    fn device_step(&mut self, model: &mut Model, data: &[Example], objective: &Objective, micro: &[Vec<usize>], response_tokens: usize, step_no: u64) -> Result<(LossStats, f32, usize, f64)> {
+    /// new values come back.
+    fn device_step(&mut self, model: &Model, data: &[Example], objective: &Objective, step: &StepIn<'_>) -> Result<(LossStats, f32, usize)> {
+        let StepIn { micro, response_tokens, step_no, lr, token_lr } = *step;
         let dm = self.gpu.as_ref().ok_or_else(|| Error::Input("device step without a GPU".into()))?;
         let names = self.param_names();
         if self.resident.is_none() {
@@ -469,9 +476,6 @@ impl Trainer {
         if let Some((i, e)) = res.first_nonfinite()? {
             return Err(Error::NonFinite(format!("step {step_no}: gradient of `{}` at element {e}", names[i])));
         }
-        let lr = self.schedule.lr_at(self.cfg.lr, self.step);
-        let token_lr = self.schedule.lr_at(self.cfg.token_lr.unwrap_or(self.cfg.lr), self.step);
-        // Two parameter groups, as on the host: LoRA at lr, then the two token-row tensors.
         let n_lora = names.len() - 2;
         let scalars: Vec<AdamWScalars> = names
             .iter()
@@ -496,8 +500,7 @@ impl Trainer {
         }
         self.embed_rows = values.next().ok_or_else(|| Error::Input("device parameters: no embedding rows".into()))?;
         self.head_rows = values.next().ok_or_else(|| Error::Input("device parameters: no head rows".into()))?;
-        self.write_rows(model)?;
-        Ok((stats, grad_norm, tokens, lr))
+        Ok((stats, grad_norm, tokens))
     }
 
     /// The host's parameters and AdamW moments as a device copy.
@@ -598,6 +601,17 @@ impl Trainer {
         self.write_rows(model)?;
         Ok(true)
     }
+}
+
+/// What both step paths take: the micro-batches' examples, the response tokens of the whole
+/// accumulated batch (the loss normaliser), the step's number and its two learning rates.
+#[derive(Clone, Copy)]
+struct StepIn<'a> {
+    micro: &'a [Vec<usize>],
+    response_tokens: usize,
+    step_no: u64,
+    lr: f64,
+    token_lr: f64,
 }
 
 fn at_step(e: Error, step: u64) -> Error {
