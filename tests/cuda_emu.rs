@@ -156,16 +156,17 @@ fn device_training_steps_match_the_cpu_trainer_and_resume_exactly() {
     let obj = Objective::Ilrec { params: IlrecParams { mu: 0.0, ..Default::default() }, layers: vec![1, 2], candidates: items.clone() };
     let trainable = vec![204, 205, 2];
     let params = |tr: &Trainer| -> Vec<f32> { tr.lora.named().into_iter().flat_map(|(_, _, d)| d.to_vec()).collect() };
-    let start = |gpu: bool| {
+    // `None`: the CPU trainer; else the device trainer with weights of that type.
+    let start = |weights: Option<Elem>| {
         let model = Model::load(&common::fixture("tiny-llama")).unwrap();
         let mut tr = Trainer::new(&model, cfg.clone(), data.len(), trainable.clone()).unwrap();
-        if gpu {
-            tr.use_cuda(&cuda, &model, Elem::F32).unwrap();
+        if let Some(e) = weights {
+            tr.use_cuda(&cuda, &model, e).unwrap();
         }
         (model, tr)
     };
-    let (mut cpu_model, mut cpu) = start(false);
-    let (mut gpu_model, mut gpu) = start(true);
+    let (mut cpu_model, mut cpu) = start(None);
+    let (mut gpu_model, mut gpu) = start(Some(Elem::F32));
     let tmp = tempfile::tempdir().unwrap();
     for step in 1..=3 {
         let want = cpu.train_step(&mut cpu_model, &data, &obj).unwrap();
@@ -175,7 +176,10 @@ fn device_training_steps_match_the_cpu_trainer_and_resume_exactly() {
         assert!(rel(got.grad_norm as f64, want.grad_norm as f64) < 1e-4, "step {step}: grad norm {} vs CPU {}", got.grad_norm, want.grad_norm);
         let e = common::rel_err(&params(&gpu), &params(&cpu), |_| true);
         assert!(e < 1e-4, "step {step}: LoRA parameters differ from the CPU trainer's by {e:.3e}");
-        let rows = |m: &Model| -> Vec<f32> { trainable.iter().flat_map(|&t| m.embed[t as usize * 96..][..96].to_vec()).collect() };
+        let rows = |m: &Model| -> Vec<f32> {
+            let h = m.config.hidden_size;
+            trainable.iter().flat_map(|&t| m.embed[t as usize * h..][..h].to_vec()).collect()
+        };
         let e = common::rel_err(&rows(&gpu_model), &rows(&cpu_model), |_| true);
         assert!(e < 1e-4, "step {step}: trainable embedding rows differ from the CPU trainer's by {e:.3e}");
         if step == 2 {
@@ -188,9 +192,24 @@ fn device_training_steps_match_the_cpu_trainer_and_resume_exactly() {
             assert_eq!(params(&gpu), before, "timing changed the run's parameters");
         }
     }
-    let (mut model, mut resumed) = start(true);
-    assert!(resumed.resume(&mut model, tmp.path()).unwrap(), "no checkpoint to resume from");
-    assert_eq!(resumed.step_count(), 2);
-    resumed.train_step(&mut model, &data, &obj).unwrap();
-    assert_eq!(params(&resumed), params(&gpu), "the resumed device run's step-3 parameters differ from the uninterrupted run's");
+    let resume_step3 = |weights: Elem, dir: &std::path::Path| {
+        let (mut model, mut resumed) = start(Some(weights));
+        assert!(resumed.resume(&mut model, dir).unwrap(), "no checkpoint to resume from");
+        assert_eq!(resumed.step_count(), 2);
+        resumed.train_step(&mut model, &data, &obj).unwrap();
+        params(&resumed)
+    };
+    assert_eq!(resume_step3(Elem::F32, tmp.path()), params(&gpu), "the resumed device run's step-3 parameters differ from the uninterrupted run's");
+
+    // bf16 weights: the fused kernels, which keep the adapter's bf16 copies across a step's
+    // micro-batches; a resumed run starts from fresh copies, so stale ones would show here.
+    let (mut model, mut run) = start(Some(Elem::BF16));
+    let tmp16 = tempfile::tempdir().unwrap();
+    for step in 1..=3 {
+        run.train_step(&mut model, &data, &obj).unwrap();
+        if step == 2 {
+            run.save(tmp16.path()).unwrap();
+        }
+    }
+    assert_eq!(resume_step3(Elem::BF16, tmp16.path()), params(&run), "bf16 weights: the resumed device run's step-3 parameters differ from the uninterrupted run's");
 }

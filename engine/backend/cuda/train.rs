@@ -26,8 +26,8 @@ struct DPair {
     ga: DeviceTensor,
     gb: DeviceTensor,
     rank: usize,
-    /// bf16 copies of `a` and `b` for the fused kernels, made at the pair's first fused use (the
-    /// parameters do not change within a micro-batch).
+    /// bf16 copies of `a` and `b` for the fused kernels, made at the pair's first fused use; valid
+    /// until the parameters change (`ResidentParams::clip_and_step` drops them).
     a16: Option<DeviceTensor>,
     b16: Option<DeviceTensor>,
 }
@@ -331,11 +331,9 @@ pub fn forward_backward_resident(
     let slot = check_micro_batch(model, lora, tb, objective, trainable_tokens)?;
     let mut ctx = Ctx::new(dm, lora, std::mem::take(&mut res.pairs), true);
     let out = run(&mut ctx, model, lora, tb, objective, trainable_tokens, &slot, norm, rng);
-    // The pairs go back whatever happened: they hold the run's parameters.
+    // The pairs go back whatever happened: they hold the run's parameters (and their bf16
+    // copies, valid until the optimiser changes the values).
     res.pairs = std::mem::take(&mut ctx.pairs);
-    for p in res.pairs.iter_mut().flatten().flatten() {
-        (p.a16, p.b16) = (None, None);
-    }
     out
 }
 
@@ -799,6 +797,10 @@ impl ResidentParams {
         let (mut ms, mut vs) = (std::mem::take(&mut self.m), std::mem::take(&mut self.v));
         let stepped = self.params_mut().into_iter().zip(ms.iter_mut().zip(vs.iter_mut())).zip(scalars).try_for_each(|(((p, g), (m, v)), s)| optim::adamw_step(&cu, p, g, m, v, s));
         (self.m, self.v) = (ms, vs);
+        // The adapter's bf16 copies (made by the fused path at first use) are stale now.
+        for p in self.pairs.iter_mut().flatten().flatten() {
+            (p.a16, p.b16) = (None, None);
+        }
         stepped?;
         Ok(total)
     }
